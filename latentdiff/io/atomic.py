@@ -1,0 +1,53 @@
+"""Atomic file writes: a temp file in the target folder, fsync, then rename over the target.
+
+A reader never sees a half-written file: either the old content or the new one. A crash leaves at most a
+``.tmp-*`` file beside the target, which readers ignore.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", overwrite: bool = True):
+    """Yield a file object; on clean exit its content replaces ``path`` atomically.
+
+    With ``overwrite=False`` an existing ``path`` raises ``FileExistsError`` (checked again just before the
+    rename, which uses a hard link so that a file created meanwhile is never clobbered).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)  # fails with FileExistsError if path appeared meanwhile
+            os.unlink(tmp)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

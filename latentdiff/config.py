@@ -50,8 +50,13 @@ class ScheduleConfig:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     prediction_type: str = "epsilon"  # epsilon | v_prediction | sample
+    # Sampling-time defaults: how inference timesteps are spaced (diffusers' names), as the model was released.
+    timestep_spacing: str = "leading"  # leading | trailing | linspace
+    steps_offset: int = 1  # Stable Diffusion uses 1 with "leading"
 
     def __post_init__(self):
+        _check_choice("schedule.timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        _check(self.steps_offset >= 0, f"schedule.steps_offset={self.steps_offset!r} must be >= 0")
         _check_choice("schedule.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "cosine"))
         _check_choice("schedule.prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
         _check_positive("schedule.num_timesteps", self.num_timesteps)
@@ -182,6 +187,7 @@ class LatentDiffusionConfig:
 
     type: str = "latent_diffusion"
     image_size: int = 512  # default sampling size in pixels
+    guidance_scale: float = 7.5  # default classifier-free guidance scale for sampling
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)

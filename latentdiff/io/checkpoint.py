@@ -1,0 +1,188 @@
+"""Safe checkpoint reading and the project's own single-file model format.
+
+Reading: ``.safetensors`` (preferred) or a pickle-based ``.ckpt``/``.pt``/``.bin`` through
+``torch.load(weights_only=True)``. A pickle that needs more than tensors and plain containers is refused with a
+clear message and never retried unsafely.
+
+The project's own model file is one ``.safetensors`` whose tensors are prefixed by component
+(``unet.``, ``autoencoder.``, ``text_encoder.``, ...) and whose metadata holds the resolved model config as JSON,
+so loading needs no architecture flags::
+
+    save_model_file("model.safetensors", cfg, {"unet": unet, "autoencoder": ae, "text_encoder": te})
+    cfg, parts = load_model_file("model.safetensors")     # parts["unet"] is a state dict
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as safetensors_bytes
+
+from latentdiff.io.atomic import atomic_write
+
+FORMAT_NAME = "latentdiff"
+FORMAT_VERSION = "1"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, unsafe or does not fit the model; the message says which."""
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read all tensors and the metadata of a ``.safetensors`` file, with clear errors."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(f"{path} is not a readable .safetensors file (truncated or corrupt?): {e}") from None
+    return tensors, metadata
+
+
+def read_pickle_checkpoint(path: str | Path) -> dict:
+    """Read a ``.ckpt``-style file with ``torch.load(weights_only=True)``; refuse anything that needs more."""
+    path = Path(path)
+    _check_exists(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=_is_zip(path))
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} needs arbitrary Python objects to unpickle, which latentdiff refuses for safety "
+            f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). Convert it to .safetensors with a "
+            f"tool you trust, or re-save only its tensors.") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return obj
+
+
+def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (flattened ``state_dict`` if the file nests one) and metadata of any supported file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        obj = read_pickle_checkpoint(path)
+        state = obj.get("state_dict", obj)
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{path}: 'state_dict' is a {type(state).__name__}, expected a dict")
+        return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, {}
+    raise CheckpointError(f"{path}: unsupported checkpoint type {path.suffix!r}; expected .safetensors or one of "
+                          f"{list(PICKLE_SUFFIXES)}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights that contain NaN or inf, naming the first offending tensors."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{source}: non-finite (NaN/inf) values in {len(bad)} tensor(s), e.g. {bad[:5]}")
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, assign: bool = False) -> None:
+    """``load_state_dict(strict=True)`` with missing/unexpected keys and shape mismatches reported by name."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if own[k].shape != state[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s), e.g. {missing[:5]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[:5]}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[:5]}")
+    if problems:
+        raise CheckpointError(f"{what} weights do not fit the model: " + "; ".join(problems))
+    module.load_state_dict(state, strict=True, assign=assign)
+
+
+def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors whose key starts with ``prefix``, with it stripped."""
+    n = len(prefix)
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def save_model_file(path: str | Path, cfg, modules: dict, overwrite: bool = False,
+                    extra_metadata: dict[str, str] | None = None) -> Path:
+    """Write the project's single-file format atomically: ``{component}.{param}`` tensors + config metadata.
+
+    ``modules`` maps component names to ``nn.Module``s or state dicts.
+    """
+    from latentdiff.config import config_to_json
+
+    tensors = {}
+    for name, part in modules.items():
+        state = part.state_dict() if isinstance(part, torch.nn.Module) else part
+        for k, v in state.items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous().cpu()
+    tensors = _untie_shared(tensors)
+    metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config_to_json(cfg)}
+    metadata.update(extra_metadata or {})
+    path = Path(path)
+    with atomic_write(path, "wb", overwrite=overwrite) as f:
+        f.write(safetensors_bytes(tensors, metadata=metadata))
+    return path
+
+
+def is_model_file(path: str | Path) -> bool:
+    """True for a ``.safetensors`` file written by :func:`save_model_file`."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT_NAME
+    except (SafetensorError, OSError):
+        return False
+
+
+def load_model_file(path: str | Path):
+    """Read a project model file: ``(cfg, {component: state_dict}, metadata)``."""
+    from latentdiff.config import config_from_json
+
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is a .safetensors file but not a latentdiff model (no 'format' metadata)")
+    try:
+        cfg = config_from_json(metadata["config"])
+    except (KeyError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: the config stored in the file is invalid: {e}") from None
+    check_finite(tensors, str(path))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        component, _, name = key.partition(".")
+        parts.setdefault(component, {})[name] = value
+    return cfg, parts, metadata
+
+
+def _untie_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): store copies."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in tensors.items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)) if v.numel() else None
+        out[k] = v.clone() if key is not None and key in seen else v
+        if key is not None:
+            seen[key] = k
+    return out
+
+
+def _check_exists(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file")
+
+
+def _is_zip(path: Path) -> bool:
+    return zipfile.is_zipfile(path)

@@ -1,0 +1,145 @@
+"""Cross-attention U-Net of latent diffusion (Rombach et al. 2022, "High-Resolution Image Synthesis with Latent
+Diffusion Models", Sec. 3.3 and App. E), in the Stable Diffusion 1.x/2.x (CompVis ``openaimodel``) parameter layout.
+
+Stable Diffusion checkpoints load by name: take the ``model.diffusion_model.*`` entries, strip the prefix
+(:func:`latentdiff.io.convert_unet.extract_unet_state_dict`) and ``load_state_dict(strict=True)``.
+
+Layout for ``channel_mult`` of length n and ``num_res_blocks`` = R:
+
+    input_blocks.0            conv_in (in_channels -> model_channels)
+    input_blocks.{1+l(R+1)+r} ResBlock [+ SpatialTransformer]           level l < n, r < R
+    input_blocks.{(l+1)(R+1)} Downsample                                level l < n-1
+    middle_block              ResBlock, SpatialTransformer, ResBlock
+    output_blocks.{b(R+1)+r}  ResBlock [+ SpatialTransformer] [+ Upsample on r = R]   b = n-1-l, r <= R
+    out                       GroupNorm, SiLU, conv_out
+
+A level has transformers when its downsampling factor 2^l is in ``attention_resolutions``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from latentdiff.config import UNetConfig
+from latentdiff.models.attention import SpatialTransformer
+from latentdiff.models.unet_blocks import Downsample, ResBlock, UNetBlock, Upsample, timestep_embedding
+
+
+def transformer_heads(cfg: UNetConfig, channels: int) -> tuple[int, int]:
+    """(heads, dim_head) of the transformers at width ``channels``: a fixed head count (``num_heads``, SD 1.x)
+    or a fixed head width (``num_head_channels``, SD 2.x)."""
+    if cfg.num_head_channels is not None:
+        if channels % cfg.num_head_channels:
+            raise ValueError(f"unet.num_head_channels={cfg.num_head_channels} does not divide a transformer "
+                             f"width of {channels} channels")
+        return channels // cfg.num_head_channels, cfg.num_head_channels
+    if channels % cfg.num_heads:
+        raise ValueError(f"unet.num_heads={cfg.num_heads} does not divide a transformer width of {channels} channels")
+    return cfg.num_heads, channels // cfg.num_heads
+
+
+class UNetModel(nn.Module):
+    """ε/v/x0-prediction U-Net with timestep embedding and cross-attention to a context sequence.
+
+    forward(x_t: (B, in_channels, h, w), t: (B,) or scalar, context: (B, L, context_dim)) -> (B, out_channels, h, w).
+    h and w must be multiples of ``cfg.downsample_factor``. Computes in the parameters' dtype and returns
+    x_t's dtype.
+    """
+
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        mc = cfg.model_channels
+        emb_dim = 4 * mc
+        levels = len(cfg.channel_mult)
+        for mult in cfg.channel_mult:
+            if (mc * mult) % cfg.norm_num_groups:
+                raise ValueError(f"unet.norm_num_groups={cfg.norm_num_groups} does not divide level width "
+                                 f"{mc * mult} (model_channels * channel_mult)")
+
+        def res(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.norm_num_groups)
+
+        def transformer(ch: int) -> SpatialTransformer:
+            heads, dim_head = transformer_heads(cfg, ch)
+            return SpatialTransformer(ch, heads, dim_head, cfg.context_dim, cfg.transformer_depth,
+                                      cfg.use_linear_in_transformer, cfg.dropout, cfg.norm_num_groups)
+
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+
+        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        skip_channels = [mc]  # widths of the features handed to the output blocks
+        ch = mc
+        for level, mult in enumerate(cfg.channel_mult):
+            attend = 2**level in cfg.attention_resolutions
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mc * mult)]
+                ch = mc * mult
+                if attend:
+                    layers.append(transformer(ch))
+                self.input_blocks.append(UNetBlock(*layers))
+                skip_channels.append(ch)
+            if level < levels - 1:
+                self.input_blocks.append(UNetBlock(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle_block = UNetBlock(res(ch, ch), transformer(ch), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            attend = 2**level in cfg.attention_resolutions
+            for r in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + skip_channels.pop(), mc * mult)]
+                ch = mc * mult
+                if attend:
+                    layers.append(transformer(ch))
+                if level > 0 and r == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(UNetBlock(*layers))
+
+        self.out = nn.Sequential(nn.GroupNorm(cfg.norm_num_groups, ch), nn.SiLU(),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        nn.init.zeros_(self.out[2].weight)
+        nn.init.zeros_(self.out[2].bias)
+
+    def _check_inputs(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> None:
+        cfg = self.cfg
+        if x_t.dim() != 4 or x_t.shape[1] != cfg.in_channels:
+            raise ValueError(f"x_t must have shape (B, {cfg.in_channels}, h, w), got {tuple(x_t.shape)}")
+        B, _, H, W = x_t.shape
+        f = cfg.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"x_t spatial size {H}x{W} must be a multiple of the U-Net downsampling factor {f}")
+        if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
+            raise ValueError(f"t must be a scalar or have shape ({B},), got {tuple(t.shape)}")
+        if context is None or context.dim() != 3 or context.shape[0] != B or context.shape[2] != cfg.context_dim:
+            got = None if context is None else tuple(context.shape)
+            raise ValueError(f"context must have shape ({B}, L, {cfg.context_dim}), got {got}")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=x_t.device)
+        self._check_inputs(x_t, t, context)
+        B = x_t.shape[0]
+        dtype = self.out[2].weight.dtype
+        emb = timestep_embedding(t.expand(B), self.cfg.model_channels).to(dtype)  # (B, mc)
+        emb = self.time_embed(emb)  # (B, 4*mc)
+        h = x_t.to(dtype)
+        context = context.to(dtype)
+
+        use_checkpoint = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+        def run(block: UNetBlock, h: torch.Tensor) -> torch.Tensor:
+            if use_checkpoint:
+                return checkpoint(block, h, emb, context, use_reentrant=False)
+            return block(h, emb, context)
+
+        skips = []
+        for block in self.input_blocks:
+            h = run(block, h)
+            skips.append(h)
+        h = run(self.middle_block, h)
+        for block in self.output_blocks:
+            h = run(block, torch.cat([h, skips.pop()], dim=1))  # (B, C + C_skip, H', W')
+        return self.out(h).to(x_t.dtype)  # (B, out_channels, h, w)

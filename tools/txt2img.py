@@ -1,0 +1,113 @@
+"""Text-to-image from the command line.
+
+Examples (from the repository root)::
+
+    python tools/txt2img.py "a photo of a cat"                      # embedded default model
+    python tools/txt2img.py "a photo of a ship" --n_samples 8 --steps 50 --scale 4 --seed 1 --sampler dpmpp_2m
+    python tools/txt2img.py "a castle" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512 --device cuda \\
+        --precision bf16 --negative-prompt "blurry"
+    python tools/txt2img.py "a castle" --ckpt path/to/diffusers-folder --outdir outputs/castle
+
+Each image is written as a new PNG in ``--outdir`` (existing files are never overwritten) with the generation
+parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images are made.
+Bad input (size, steps, sampler, checkpoint) prints one message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from latentdiff.cli import ArgumentParser, fail, resolve_device_dtype  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from latentdiff.diffusion.samplers import SAMPLERS
+
+    p = ArgumentParser(description=__doc__)
+    p.add_argument("prompt", nargs="+", help="prompt text (several positional words are joined with spaces)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
+    p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default=None,
+                   help="latentdiff .safetensors, Stable Diffusion single file (.safetensors/.ckpt) or diffusers "
+                        "folder; default: the embedded default model")
+    p.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (1 = no guidance); default: the model's own "
+                        "(its config's guidance_scale; 7.5 for Stable Diffusion)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed+i); default: random")
+    p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels; default: the model's size")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels; default: the model's size")
+    p.add_argument("--outdir", default="outputs/txt2img", help="folder for the PNGs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights/compute precision (auto: fp16 on CUDA, fp32 on CPU)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                   help="override the prediction type of a Stable Diffusion checkpoint (e.g. SD 2.x 768-v)")
+    p.add_argument("--no-grid", action="store_true", help="do not write a grid image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prompt = " ".join(args.prompt).strip()
+    if not prompt:
+        fail("the prompt is empty")
+    if args.steps <= 0:
+        fail(f"--steps must be a positive integer, got {args.steps}")
+    if args.n_samples <= 0:
+        fail(f"--n_samples must be a positive integer, got {args.n_samples}")
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and value <= 0:
+            fail(f"{flag} must be a positive integer, got {value}")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from latentdiff import load_pipeline
+    from latentdiff.images import make_grid, save_png_new
+
+    device, dtype = resolve_device_dtype(args.device, args.precision)
+    extra = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    try:
+        pipe = load_pipeline(args.ckpt, device=device, dtype=dtype, **extra)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    height = args.H or pipe.config.image_size
+    width = args.W or pipe.config.image_size
+    scale = args.scale if args.scale is not None else pipe.default_scale
+    try:
+        pipe.check_size(height, width)
+        if args.steps > pipe.schedule.num_timesteps:
+            raise ValueError(f"--steps must be at most {pipe.schedule.num_timesteps}, got {args.steps}")
+    except ValueError as e:
+        fail(str(e))
+
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet)
+
+    def progress(i, n, *_):
+        bar.update(1)
+
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
+                  sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
+                  num_images_per_prompt=args.n_samples, callback=progress)
+    bar.close()
+    outdir = Path(args.outdir)
+    paths = [save_png_new(im, outdir, im.info["parameters"]) for im in images]
+    for path in paths:
+        print(path)
+    if len(images) > 1 and not args.no_grid:
+        grid = make_grid(images)
+        print(save_png_new(grid, outdir, images[0].info["parameters"], stem="grid"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -340,3 +340,362 @@ def config_to_json(cfg) -> str:
 
 def config_from_json(text: str):
     return model_config_from_dict(json.loads(text))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VQ-Diffusion (discrete path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DiscreteScheduleConfig:
+    """VQ-Diffusion mask-and-replace schedule (Gu et al. 2022, Sec. 4.1): the cumulative keep probability ᾱ
+    falls and the cumulative mask probability γ̄ rises linearly over ``num_timesteps`` steps."""
+
+    num_timesteps: int = 100
+    alpha_cumprod_start: float = 0.99999
+    alpha_cumprod_end: float = 0.000009
+    gamma_cumprod_start: float = 0.000009
+    gamma_cumprod_end: float = 0.99999
+
+    def __post_init__(self):
+        _check(self.num_timesteps >= 2, f"schedule.num_timesteps={self.num_timesteps!r} must be >= 2")
+        _check(0 < self.alpha_cumprod_end <= self.alpha_cumprod_start <= 1,
+               f"need 0 < alpha_cumprod_end <= alpha_cumprod_start <= 1, got alpha_cumprod_start="
+               f"{self.alpha_cumprod_start!r}, alpha_cumprod_end={self.alpha_cumprod_end!r}")
+        _check(0 <= self.gamma_cumprod_start <= self.gamma_cumprod_end < 1,
+               f"need 0 <= gamma_cumprod_start <= gamma_cumprod_end < 1, got gamma_cumprod_start="
+               f"{self.gamma_cumprod_start!r}, gamma_cumprod_end={self.gamma_cumprod_end!r}")
+        _check(self.alpha_cumprod_start + self.gamma_cumprod_start <= 1
+               and self.alpha_cumprod_end + self.gamma_cumprod_end <= 1,
+               "schedule: alpha_cumprod + gamma_cumprod must be <= 1 at both ends")
+
+
+@dataclass
+class VQTransformerConfig:
+    """VQ-Diffusion transformer (diffusers' discrete ``Transformer2DModel`` layout; defaults: the ITHQ model).
+
+    Embeds ``num_codes + 1`` tokens ([MASK] last) on a ``latent_size`` x ``latent_size`` grid; ``depth`` blocks of
+    AdaLN(t) self-attention, AdaLN(t) cross-attention over the text states and a feed-forward; predicts
+    log p(x0|x_t) over the ``num_codes`` codes. ``ff_activation``: ``gelu_sigmoid`` (x·σ(1.702x), VQ-Diffusion's
+    GELU2, diffusers' "geglu-approximate"), ``gelu`` or ``gelu_tanh``. ``learned_null_context`` adds the learned
+    (context_length, context_dim) null condition of learnable classifier-free guidance (Tang et al. 2022).
+    """
+
+    num_codes: int = 4096
+    latent_size: int = 32
+    dim: int = 1408
+    heads: int = 16
+    depth: int = 36
+    context_dim: int = 512
+    context_length: int = 77
+    num_timesteps: int = 100
+    ff_mult: int = 4
+    ff_activation: str = "gelu_sigmoid"  # gelu_sigmoid | gelu | gelu_tanh
+    attention_bias: bool = True
+    learned_null_context: bool = True
+    dropout: float = 0.0
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("num_codes", "latent_size", "dim", "heads", "depth", "context_dim", "context_length",
+                     "num_timesteps", "ff_mult"):
+            _check_positive(f"transformer.{name}", getattr(self, name))
+        _check(self.dim % self.heads == 0,
+               f"transformer.dim={self.dim} is not divisible by transformer.heads={self.heads}")
+        _check_choice("transformer.ff_activation", self.ff_activation, ("gelu_sigmoid", "gelu", "gelu_tanh"))
+        _check(0 <= self.dropout < 1, f"transformer.dropout={self.dropout!r} must be in [0, 1)")
+
+
+@dataclass
+class VQModelConfig:
+    """VQ autoencoder (VQ-VAE, van den Oord et al. 2017, with the Taming-Transformers encoder/decoder).
+
+    ``z_channels`` leave the encoder, ``quant_conv`` maps them to ``embed_dim``-dimensional vectors quantised
+    against ``num_codes`` codebook entries. ``beta`` weighs the commitment loss (Eq. 3); ``ema`` replaces the
+    codebook loss with exponential-moving-average updates (App. A.1) of rate ``decay``; ``restart_dead_codes``
+    re-seeds codes whose average assignments per step fall below ``dead_code_threshold`` with encoder outputs.
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)
+    mid_attention: bool = True
+    z_channels: int = 256
+    embed_dim: int = 128
+    num_codes: int = 4096
+    beta: float = 0.25
+    ema: bool = False
+    decay: float = 0.99
+    restart_dead_codes: bool = False
+    dead_code_threshold: float = 1.0
+    norm_num_groups: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "embed_dim", "num_codes",
+                     "norm_num_groups"):
+            _check_positive(f"vqvae.{name}", getattr(self, name))
+        _check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult),
+               f"vqvae.ch_mult={self.ch_mult!r} must be a non-empty list of positive ints")
+        _check(self.ch % self.norm_num_groups == 0,
+               f"vqvae.ch={self.ch} is not divisible by vqvae.norm_num_groups={self.norm_num_groups}")
+        _check(self.beta >= 0, f"vqvae.beta={self.beta!r} must be >= 0")
+        _check(0 < self.decay < 1, f"vqvae.decay={self.decay!r} must be in (0, 1)")
+        _check(self.dead_code_threshold >= 0, f"vqvae.dead_code_threshold={self.dead_code_threshold!r} must be >= 0")
+        _check(0 <= self.dropout < 1, f"vqvae.dropout={self.dropout!r} must be in [0, 1)")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
+@dataclass
+class VQDiffusionConfig:
+    """A whole discrete (VQ-Diffusion) model: VQ autoencoder + text encoder + transformer + schedule.
+
+    ``normalize_context``: the text encoder's hidden states are L2-normalised per token before the transformer
+    sees them, as VQ-Diffusion was trained (the learned null context is used as is). ``guidance_scale`` and
+    ``truncation_rate`` are the sampling defaults (Improved VQ-Diffusion; 1.0 disables either).
+    """
+
+    type: str = "vq_diffusion"
+    image_size: int = 256
+    guidance_scale: float = 5.0
+    truncation_rate: float = 1.0
+    normalize_context: bool = True
+    vqvae: VQModelConfig = field(default_factory=VQModelConfig)
+    transformer: VQTransformerConfig = field(default_factory=VQTransformerConfig)
+    text_encoder: TextEncoderConfig = field(
+        default_factory=lambda: TextEncoderConfig(type="clip", width=512, layers=12, heads=8, act="quick_gelu"))
+    schedule: DiscreteScheduleConfig = field(default_factory=DiscreteScheduleConfig)
+
+    def __post_init__(self):
+        _check(self.type == "vq_diffusion", f"type={self.type!r} must be 'vq_diffusion'")
+        _check(0 < self.truncation_rate <= 1, f"truncation_rate={self.truncation_rate!r} must be in (0, 1]")
+        _check(self.transformer.num_codes == self.vqvae.num_codes,
+               f"transformer.num_codes={self.transformer.num_codes} must equal vqvae.num_codes={self.vqvae.num_codes}")
+        _check(self.transformer.num_timesteps == self.schedule.num_timesteps,
+               f"transformer.num_timesteps={self.transformer.num_timesteps} must equal "
+               f"schedule.num_timesteps={self.schedule.num_timesteps}")
+        _check(self.transformer.context_dim == self.text_encoder.width,
+               f"transformer.context_dim={self.transformer.context_dim} must equal "
+               f"text_encoder.width={self.text_encoder.width}")
+        _check(self.transformer.context_length == self.text_encoder.context_length,
+               f"transformer.context_length={self.transformer.context_length} must equal "
+               f"text_encoder.context_length={self.text_encoder.context_length}")
+        latent = self.transformer.latent_size * self.vqvae.downsample_factor
+        _check(self.image_size == latent,
+               f"image_size={self.image_size} must equal transformer.latent_size x vqvae downsampling = {latent}")
+
+
+register_model_config("vq_diffusion", VQDiffusionConfig)
+
+
+@dataclass
+class DataConfig:
+    """Training reader for tar shards (see latentdiff/data/reader.py for order, resume and error handling).
+
+    ``shards`` is a folder (its manifest.json order), a brace pattern (``data/x-{000000..000049}.tar``), a glob or
+    one file. Images are resized so the shorter side is ``image_size`` (bicubic), cropped square (``crop``:
+    center | random) and flipped left-right with probability 1/2 when ``random_flip``. ``caption_dropout`` is the
+    probability of replacing a caption by "" (classifier-free guidance). ``drop_last`` drops each rank's last
+    partial batch. ``max_error_rate`` is the largest tolerated share of unusable samples. ``resampled`` draws
+    shards with replacement per rank and worker (multi-node) instead of splitting them.
+    """
+
+    shards: str = ""
+    image_size: int = 256
+    batch_size: int = 32
+    num_workers: int = 4
+    shuffle: bool = True
+    shuffle_buffer: int = 1000
+    caption_dropout: float = 0.1
+    random_flip: bool = True
+    crop: str = "center"  # center | random
+    drop_last: bool = True
+    max_error_rate: float = 0.01
+    resampled: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_positive("data.image_size", self.image_size)
+        _check_positive("data.batch_size", self.batch_size)
+        _check(self.num_workers >= 0, f"data.num_workers={self.num_workers!r} must be >= 0")
+        _check(self.shuffle_buffer >= 0, f"data.shuffle_buffer={self.shuffle_buffer!r} must be >= 0")
+        _check(0 <= self.caption_dropout <= 1, f"data.caption_dropout={self.caption_dropout!r} must be in [0, 1]")
+        _check_choice("data.crop", self.crop, ("center", "random"))
+        _check(0 <= self.max_error_rate <= 1, f"data.max_error_rate={self.max_error_rate!r} must be in [0, 1]")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training (latentdiff/training, tools/train.py)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup, then a constant or cosine learning rate (see latentdiff/training/optim.py)."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # applied to matrices and kernels only, not to biases and norm scales
+    warmup_steps: int = 0
+    decay: str = "constant"  # constant | cosine (to min_lr_ratio * lr at the last step)
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0  # max global gradient norm per optimizer; null disables clipping
+
+    def __post_init__(self):
+        _check_positive("optim.lr", self.lr)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               f"optim.betas={self.betas!r} must be two numbers in [0, 1)")
+        _check_positive("optim.eps", self.eps)
+        _check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay!r} must be >= 0")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
+        _check_choice("optim.decay", self.decay, ("constant", "cosine"))
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        _check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip={self.grad_clip!r} must be > 0")
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of the weights; the export uses the averaged weights when enabled."""
+
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True  # decay_n = min(decay, (1 + n) / (10 + n))
+    every: int = 1  # update after every N-th optimizer step
+
+    def __post_init__(self):
+        _check(0 <= self.decay < 1, f"ema.decay={self.decay!r} must be in [0, 1)")
+        _check_positive("ema.every", self.every)
+
+
+@dataclass
+class AutoencoderKLObjectiveConfig:
+    """KL autoencoder loss (LDM's ``LPIPSWithDiscriminator``): per-image summed reconstruction error + KL,
+    optional LPIPS and patch-GAN (``disc_weight`` 0 disables the discriminator)."""
+
+    type: str = "autoencoder_kl"
+    reconstruction: str = "l1"  # l1 | l2
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.0  # LPIPS; needs local weights (see training/objectives/perceptual.py)
+    lpips_weights: str | None = None  # LPIPS linear layers (lpips' vgg.pth); null: the lpips package's copy
+    vgg_weights: str | None = None  # torchvision VGG16; null: torch hub cache checkpoints/vgg16-397923af.pth
+    disc_weight: float = 0.0
+    disc_start: int = 0  # optimizer step at which the adversarial terms switch on
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None  # null: optim.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    adaptive_weight: bool = True  # Taming Eq. 7
+    sample_images: int = 8  # images in each reconstruction grid
+
+    def __post_init__(self):
+        _check(self.type == "autoencoder_kl", f"objective.type={self.type!r} must be 'autoencoder_kl'")
+        _check_choice("objective.reconstruction", self.reconstruction, ("l1", "l2"))
+        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+            _check(getattr(self, name) >= 0, f"objective.{name}={getattr(self, name)!r} must be >= 0")
+        _check_positive("objective.disc_layers", self.disc_layers)
+        _check_positive("objective.disc_channels", self.disc_channels)
+        _check(self.disc_lr is None or self.disc_lr > 0, f"objective.disc_lr={self.disc_lr!r} must be > 0")
+        _check(len(self.disc_betas) == 2, f"objective.disc_betas={self.disc_betas!r} must be two numbers")
+        _check_positive("objective.sample_images", self.sample_images)
+
+
+@dataclass
+class LatentDiffusionObjectiveConfig:
+    """Latent diffusion loss: ε/v/x0 MSE on the latents of a frozen autoencoder (caption dropout for
+    classifier-free guidance is ``data.caption_dropout``)."""
+
+    type: str = "latent_diffusion"
+    autoencoder_checkpoint: str | None = None  # model file of an autoencoder_kl run; null: random (tests only)
+    train_text_encoder: bool = True
+    scale_latents_by_std: bool = True  # a fresh run sets autoencoder.scaling_factor = 1 / std(latents)
+    min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al., 2023); 5.0 is usual
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a photo of a ship"])
+    sample_steps: int = 25
+    sample_sampler: str = "ddim"
+    sample_scale: float = 3.0
+    sample_seed: int = 0
+
+    def __post_init__(self):
+        _check(self.type == "latent_diffusion", f"objective.type={self.type!r} must be 'latent_diffusion'")
+        _check(self.min_snr_gamma is None or self.min_snr_gamma > 0,
+               f"objective.min_snr_gamma={self.min_snr_gamma!r} must be > 0")
+        _check(len(self.sample_prompts) > 0, "objective.sample_prompts must not be empty")
+        _check_positive("objective.sample_steps", self.sample_steps)
+
+
+OBJECTIVE_CONFIGS: dict[str, type] = {"autoencoder_kl": AutoencoderKLObjectiveConfig,
+                                      "latent_diffusion": LatentDiffusionObjectiveConfig}
+
+
+def register_objective_config(name: str, cls: type) -> None:
+    """Add a training objective config class (used by the VQ-Diffusion path)."""
+    OBJECTIVE_CONFIGS[name] = cls
+
+
+@dataclass
+class TrainConfig:
+    """A training run: model (any registered model config), objective (by ``type``), data, optimizer, loop.
+
+    ``data.batch_size`` is per rank and micro-step: one optimizer step sees
+    ``data.batch_size * grad_accum * world_size`` samples.
+    """
+
+    model: Any = field(default_factory=LatentDiffusionConfig)  # a MODEL_CONFIGS entry, chosen by its ``type``
+    objective: Any = field(default_factory=LatentDiffusionObjectiveConfig)  # an OBJECTIVE_CONFIGS entry
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans them)
+    grad_accum: int = 1
+    precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the trained networks
+    gradient_checkpointing: bool = False  # recompute activations in backward (sets the network's config flag)
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 500  # 0: never
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = model_config_from_dict(self.model)
+        if isinstance(self.objective, dict):
+            kind = self.objective.get("type", "latent_diffusion")
+            _check(kind in OBJECTIVE_CONFIGS, f"objective.type={kind!r} is not one of {sorted(OBJECTIVE_CONFIGS)}")
+            self.objective = from_dict(OBJECTIVE_CONFIGS[kind], self.objective, "objective")
+        for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            _check_positive(name, getattr(self, name))
+        _check(self.sample_every >= 0, f"sample_every={self.sample_every!r} must be >= 0")
+        _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
+        _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda']")
+
+
+def train_config_from_dict(data: dict) -> TrainConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"a training config must be a mapping, got {type(data).__name__}")
+    return from_dict(TrainConfig, data)
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training config from YAML, fill in defaults, apply strict dotted overrides
+    (``optim.lr=3e-4``, ``model.unet.model_channels=64``), validate."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path} is not valid YAML: {e}") from None
+    data = data or {}
+    if overrides:
+        data = apply_overrides(to_dict(train_config_from_dict(data)), overrides)
+    return train_config_from_dict(data)

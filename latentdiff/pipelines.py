@@ -168,8 +168,8 @@ class LatentDiffusionPipeline:
         if not prompts:
             raise ValueError("no prompt given")
         negatives = _broadcast_negative(negative_prompt, len(prompts))
-        height = height or self.config.image_size
-        width = width or self.config.image_size
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
         self.check_size(height, width)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")

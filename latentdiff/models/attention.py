@@ -95,15 +95,20 @@ class CrossAttention(nn.Module):
 
 
 class GEGLU(nn.Module):
-    """Gated GELU projection, ``a * gelu(g)`` with ``[a, g] = proj(x)`` (Shazeer 2020, "GLU Variants", Eq. 6)."""
+    """Gated GELU projection, ``a * gelu(g)`` with ``[a, g] = proj(x)`` (Shazeer 2020, "GLU Variants", Eq. 6).
+
+    The two halves are computed as two matrix products with the row blocks of ``proj`` so that ``gelu`` runs on
+    a contiguous tensor (on a strided half of one product it is several times slower on CPU).
+    """
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, gate = self.proj(x).chunk(2, dim=-1)  # (..., dim_out) each
-        return a * F.gelu(gate)
+        w_a, w_gate = self.proj.weight.chunk(2)  # (dim_out, dim_in) each
+        b_a, b_gate = self.proj.bias.chunk(2)  # (dim_out,) each
+        return F.linear(x, w_a, b_a) * F.gelu(F.linear(x, w_gate, b_gate))  # (..., dim_out)
 
 
 class FeedForward(nn.Module):

@@ -125,7 +125,7 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    """block_1, attn_1 (absent when ``mid_attention`` is off), block_2, all at the lowest resolution."""
+    """block_1, attn_1 (None when ``mid_attention`` is off), block_2, all at the lowest resolution."""
 
     def __init__(self, channels: int, *, mid_attention: bool, norm_num_groups: int, dropout: float):
         super().__init__()

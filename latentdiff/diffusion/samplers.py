@@ -1,0 +1,344 @@
+"""Reverse-process samplers behind one signature: DDPM, DDIM, DPM-Solver++ (2M) and Euler ancestral.
+
+    x0 = sample(model, schedule, x_T, sampler="dpmpp_2m", steps=25, generator=g, model_kwargs={"context": c})
+
+``model(x_t, t, **model_kwargs) -> prediction`` with x_t in the variance-preserving scale of training and t a (B,)
+long tensor of timesteps (a float tensor only for ``euler_a`` with ``linspace`` spacing, whose timesteps are
+fractional); the prediction is read through ``schedule.prediction_type``. ``x_T`` is standard normal noise drawn
+by the caller; every later draw comes from ``generator``. Classifier-free guidance wraps the model
+(:func:`classifier_free_guidance`), so samplers never see it:
+
+    guided = classifier_free_guidance(unet, scale=7.5)
+    x0 = sample(guided, schedule, x_T, model_kwargs={"context": cond, "uncond_context": uncond})
+
+Timesteps, coefficients and noise handling reproduce diffusers' DDPMScheduler, DDIMScheduler,
+DPMSolverMultistepScheduler and EulerAncestralDiscreteScheduler (tests/test_samplers.py checks this to 1e-5);
+docs/diffusion.md lists where and why we depart from them. Every per-run coefficient is computed once, in float64,
+from ``schedule.alphas_cumprod_float64``; a step only does tensor arithmetic with Python scalars. The running
+sample is kept in (at least) float32 and handed to the model in ``x_T``'s dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from latentdiff.diffusion.gaussian import x0_eps_coefficients
+from latentdiff.diffusion.schedule import DiffusionSchedule
+
+SPACINGS = ("leading", "trailing", "linspace")
+Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    """Arguments shared by every sampler in :data:`SAMPLERS` (see :func:`sample` for their meaning)."""
+
+    steps: int = 50
+    eta: float = 0.0
+    generator: torch.Generator | None = None
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    use_karras_sigmas: bool = False
+    callback: Callback | None = None
+    model_kwargs: dict | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Timesteps and sigmas
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0, *,
+                     multistep: bool = False, fractional: bool = False) -> np.ndarray:
+    """Descending sampling timesteps (float64 array of length ``steps``), as diffusers' ``set_timesteps``.
+
+    Spacings follow Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"):
+    ``leading`` = k · (T // n) + steps_offset (Stable Diffusion configs use steps_offset=1), ``trailing`` =
+    round(T - k · T/n) - 1, ``linspace`` = round(linspace(0, T-1, n)). ``multistep`` selects DPM-Solver's variant,
+    which lays n = steps + 1 points and drops the smallest (its last step jumps to σ = 0 instead);
+    ``fractional`` keeps linspace points unrounded (float32), as the Euler schedulers do.
+    """
+    T = num_timesteps
+    n = steps + 1 if multistep else steps
+    if spacing == "linspace":
+        ts = np.linspace(0, T - 1, n)
+        ts = ts.astype(np.float32).astype(np.float64) if fractional else ts.round()
+        ts = ts[::-1][:steps]
+    elif spacing == "leading":
+        ts = (np.arange(n) * (T // n)).astype(np.float64)[::-1][:steps] + steps_offset
+    elif spacing == "trailing":
+        # arange(T, 0, -T/n) can overshoot by one float-rounded point near 0 (e.g. n = 61); keep exactly n.
+        ts = np.round(np.arange(T, 0, -T / steps)[:steps]) - 1
+    else:
+        raise ValueError(f"timestep_spacing={spacing!r} is not one of {list(SPACINGS)}")
+    ts = ts.copy()  # positive strides, for torch.as_tensor
+    if ts[0] > T - 1 or ts[-1] < 0 or (not fractional and np.any(np.diff(ts) >= 0)):
+        raise ValueError(f"steps={steps} with timestep_spacing={spacing!r} and steps_offset={steps_offset} gives "
+                         f"timesteps outside 0..{T - 1} or repeated ({ts[:3].tolist()}...{ts[-3:].tolist()}); "
+                         f"use fewer steps or timestep_spacing='trailing'")
+    return ts
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    """σ_i = (σ_max^(1/ρ) + i/(n-1) · (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, i = 0..n-1 (Eq. 5 of Karras et al. 2022)."""
+    ramp = np.linspace(0, 1, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def _sigmas(schedule: DiffusionSchedule) -> np.ndarray:
+    """k-diffusion noise levels σ_t = √((1 - ᾱ_t) / ᾱ_t), increasing in t: (T,) float64."""
+    ac = schedule.alphas_cumprod_float64
+    return np.sqrt((1.0 - ac) / ac)
+
+
+def _sigma_to_t(sigma: np.ndarray, all_sigmas: np.ndarray) -> np.ndarray:
+    """Invert σ(t) by linear interpolation in log σ, clamped to [0, T-1]."""
+    return np.interp(np.log(sigma), np.log(all_sigmas), np.arange(all_sigmas.size, dtype=np.float64))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared per-run machinery
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Denoiser:
+    """Calls the model at step i of a run and converts its output to x0 (and ε).
+
+    Per step it holds the timestep tensor, an input scale c_in (1 for VP samplers, 1/√(σ²+1) for Euler, whose
+    state is x_σ = x_t / √ᾱ) and the float64 coefficients of :func:`x0_eps_coefficients`, folded with c_in.
+    """
+
+    def __init__(self, model, schedule: DiffusionSchedule, x: torch.Tensor, timesteps: np.ndarray,
+                 alphas_cumprod: np.ndarray, model_kwargs: dict | None, input_scale: np.ndarray | None = None):
+        integral = bool(np.all(timesteps == np.round(timesteps)))
+        self.t = torch.as_tensor(timesteps, dtype=torch.long if integral else torch.float32, device=x.device)
+        self.c_in = [1.0] * len(timesteps) if input_scale is None else input_scale.tolist()
+        self.coefs = []  # (a, b, c, d) per step: x0 = a·x + b·pred, ε = c·x + d·pred, x the sampler's state
+        for ac, c_in in zip(alphas_cumprod.tolist(), self.c_in):
+            a, b, c, d = x0_eps_coefficients(schedule.prediction_type, ac)
+            self.coefs.append((a * c_in, b, c * c_in, d))
+        self.model, self.model_kwargs = model, model_kwargs or {}
+        self.B, self.model_dtype = x.shape[0], x.dtype
+
+    def __call__(self, i: int, x: torch.Tensor, want_eps: bool = False):
+        x_in = x if self.c_in[i] == 1.0 else x * self.c_in[i]
+        pred = self.model(x_in.to(self.model_dtype), self.t[i].expand(self.B), **self.model_kwargs).to(x.dtype)
+        a, b, c, d = self.coefs[i]
+        x0 = a * x + b * pred
+        return (x0, c * x + d * pred) if want_eps else x0
+
+
+def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal like ``x``, drawn on the generator's device (reproducible across devices) and moved."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+
+
+def _start(x_T: torch.Tensor) -> torch.Tensor:
+    """The running sample: x_T in at least float32 (reduced-precision inputs are upcast)."""
+    return x_T.to(torch.promote_types(x_T.dtype, torch.float32))
+
+
+def _alpha_bars_with_final(schedule: DiffusionSchedule, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ᾱ at each step and at the step after it; the chain ends at ᾱ = 1 (x0 itself)."""
+    ac = schedule.alphas_cumprod_float64[ts.astype(np.int64)]
+    return ac, np.append(ac[1:], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samplers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ddpm(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOptions) -> torch.Tensor:
+    """Ancestral sampling, Algorithm 2 of DDPM, on a respaced chain with the fixed small variance β̃.
+
+    Notation (variable -> symbol): ac -> ᾱ_t, ac_prev -> ᾱ_{t'} (t' the next timestep, ᾱ = 1 after the last),
+    beta -> β'_t = 1 - ᾱ_t/ᾱ_{t'} (the respaced β of Sec. 4 of Nichol & Dhariwal 2021), coef_x0/coef_xt -> the
+    posterior mean coefficients of Eq. 7 of DDPM with β'_t, std -> √β̃'_t.
+    1. predict x0 at t; 2. x_{t'} = coef_x0 · x0 + coef_xt · x_t; 3. add std · z, except after the last step.
+    """
+    ts = spaced_timesteps(schedule.num_timesteps, opts.steps, opts.timestep_spacing, opts.steps_offset)
+    ac, ac_prev = _alpha_bars_with_final(schedule, ts)
+    beta = 1.0 - ac / ac_prev
+    coef_x0 = (np.sqrt(ac_prev) * beta / (1.0 - ac)).tolist()
+    coef_xt = (np.sqrt(1.0 - beta) * (1.0 - ac_prev) / (1.0 - ac)).tolist()
+    std = np.sqrt(beta * (1.0 - ac_prev) / (1.0 - ac)).tolist()
+    denoise = _Denoiser(model, schedule, x_T, ts, ac, opts.model_kwargs)
+    x, n = _start(x_T), len(ts)
+    for i in range(n):
+        x0 = denoise(i, x)
+        x = coef_x0[i] * x0 + coef_xt[i] * x
+        if i < n - 1:
+            x = x + std[i] * _randn(x, opts.generator)
+        if opts.callback is not None:
+            opts.callback(i, n, x, x0)
+    return x.to(x_T.dtype)
+
+
+def ddim(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOptions) -> torch.Tensor:
+    """DDIM, Eq. 12 of Song et al. 2021, with σ_t(η) of Eq. 16 (η = 0: deterministic; η = 1: DDPM).
+
+    Notation (variable -> symbol): ac -> ᾱ_t, ac_prev -> ᾱ_{t'} (next timestep of the run; 1 after the last),
+    sigma -> σ_t(η) = η √((1-ᾱ_{t'})/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_{t'}), direction -> √(1-ᾱ_{t'}-σ_t²).
+    1. predict x0 and ε at t; 2. x_{t'} = √ᾱ_{t'} x0 + direction · ε ("direction pointing to x_t");
+    3. add σ_t · z when η > 0 (σ_t = 0 at the last step).
+    """
+    ts = spaced_timesteps(schedule.num_timesteps, opts.steps, opts.timestep_spacing, opts.steps_offset)
+    ac, ac_prev = _alpha_bars_with_final(schedule, ts)
+    sigma = opts.eta * np.sqrt((1.0 - ac_prev) / (1.0 - ac) * (1.0 - ac / ac_prev))
+    direction = np.sqrt(np.maximum(1.0 - ac_prev - sigma**2, 0.0)).tolist()
+    sqrt_ac_prev, sigma = np.sqrt(ac_prev).tolist(), sigma.tolist()
+    denoise = _Denoiser(model, schedule, x_T, ts, ac, opts.model_kwargs)
+    x, n = _start(x_T), len(ts)
+    for i in range(n):
+        x0, eps = denoise(i, x, want_eps=True)
+        x = sqrt_ac_prev[i] * x0 + direction[i] * eps
+        if sigma[i] > 0:
+            x = x + sigma[i] * _randn(x, opts.generator)
+        if opts.callback is not None:
+            opts.callback(i, n, x, x0)
+    return x.to(x_T.dtype)
+
+
+def dpmpp_2m(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOptions) -> torch.Tensor:
+    """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 ("DPM-Solver++"): multistep, second order, data prediction.
+
+    Notation (variable -> symbol): σ -> k-diffusion noise level √((1-ᾱ)/ᾱ) (Karras et al. 2022 Eq. 5 spacing
+    when ``use_karras_sigmas``), alpha_t/sigma_t -> VP α = 1/√(σ²+1), σ_VP = σ α, λ = log(α/σ_VP) = -log σ,
+    h -> λ_{i+1} - λ_i, r -> h_{i-1}/h_i, m -> m_i, the x0 predicted at step i.
+    1. m_i = predicted x0 at step i;
+    2. first order (first and last step: solver order 1 at the start, ``lower_order_final`` and a final σ of 0):
+       x_{i+1} = (σ_VP,i+1/σ_VP,i) x_i + α_{i+1} (1 - e^{-h}) m_i;
+    3. otherwise the midpoint-style second order: the same with m_i replaced by m_i + (m_i - m_{i-1}) / (2r).
+    The final step lands on σ = 0 and returns m_{n-1} exactly. Derivation: docs/diffusion.md.
+    """
+    T, n = schedule.num_timesteps, opts.steps
+    all_sigmas = _sigmas(schedule)
+    if opts.use_karras_sigmas:  # spacing is ignored: the timesteps follow the Karras sigmas
+        sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], n)
+        ts = np.round(_sigma_to_t(sigmas, all_sigmas))
+    else:
+        ts = spaced_timesteps(T, n, opts.timestep_spacing, opts.steps_offset, multistep=True)
+        sigmas = all_sigmas[ts.astype(np.int64)]
+    sigmas_next = np.append(sigmas[1:], 0.0)
+    alpha_next = 1.0 / np.sqrt(sigmas_next**2 + 1)
+    ratio = sigmas_next * alpha_next * np.sqrt(sigmas**2 + 1) / sigmas  # σ_VP,i+1 / σ_VP,i
+    phi = alpha_next * (1.0 - sigmas_next / sigmas)  # α_{i+1} (1 - e^{-h_i}), since e^{-h_i} = σ_{i+1}/σ_i
+    # c_prev[i]: weight of m_{i-1}; second order needs r_i = h_{i-1}/h_i, h_i = log(σ_i/σ_{i+1}).
+    c_cur, c_prev = phi.copy(), np.zeros(n)
+    for i in range(1, n - 1):
+        r = math.log(sigmas[i - 1] / sigmas[i]) / math.log(sigmas[i] / sigmas[i + 1])
+        c_cur[i], c_prev[i] = phi[i] * (1 + 0.5 / r), -phi[i] * 0.5 / r
+    ratio, c_cur, c_prev = ratio.tolist(), c_cur.tolist(), c_prev.tolist()
+    denoise = _Denoiser(model, schedule, x_T, ts, 1.0 / (sigmas**2 + 1), opts.model_kwargs)
+    x, m_prev = _start(x_T), None
+    for i in range(n):
+        m = denoise(i, x)
+        x = ratio[i] * x + c_cur[i] * m
+        if c_prev[i] != 0.0:
+            x = x + c_prev[i] * m_prev
+        m_prev = m
+        if opts.callback is not None:
+            opts.callback(i, n, x, m)
+    return x.to(x_T.dtype)
+
+
+def euler_a(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOptions) -> torch.Tensor:
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``, η = 1): an Euler step of the probability-flow ODE
+    dx/dσ = (x - x0)/σ (Eq. 4 of Karras et al. 2022, σ(t) = t) down to σ_down, then fresh noise σ_up.
+
+    Notation (variable -> symbol): x -> x_σ = x_t/√ᾱ_t (variance-exploding state), σ_i -> noise level at step i
+    (σ_n = 0), σ_up = √(σ_{i+1}² (σ_i² - σ_{i+1}²) / σ_i²), σ_down = √(σ_{i+1}² - σ_up²).
+    0. x = x_T · s with s = √(σ_0² + 1) for ``leading`` spacing, else σ_0 (diffusers' ``init_noise_sigma``);
+    1. x0 = D(x_σ / √(σ_i² + 1), t_i);  2. d = (x - x0)/σ_i, x ← x + d (σ_down - σ_i);
+    3. x ← x + σ_up z (σ_up = 0 at the last step, which returns x0).
+    """
+    T = schedule.num_timesteps
+    fractional = opts.timestep_spacing == "linspace"
+    ts = spaced_timesteps(T, opts.steps, opts.timestep_spacing, opts.steps_offset, fractional=fractional)
+    sigmas = np.interp(ts, np.arange(T, dtype=np.float64), _sigmas(schedule))
+    sigmas_next = np.append(sigmas[1:], 0.0)
+    sigma_up = np.sqrt(sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2)
+    sigma_down = np.sqrt(sigmas_next**2 - sigma_up**2)
+    dt_over_sigma = ((sigma_down - sigmas) / sigmas).tolist()
+    vp_scale = (1.0 / np.sqrt(sigmas_next**2 + 1)).tolist()  # x_σ -> x_t, for the callback
+    init = math.sqrt(sigmas[0] ** 2 + 1) if opts.timestep_spacing == "leading" else float(sigmas[0])
+    denoise = _Denoiser(model, schedule, x_T, ts, 1.0 / (sigmas**2 + 1), opts.model_kwargs,
+                        input_scale=1.0 / np.sqrt(sigmas**2 + 1))
+    x, n, sigma_up = _start(x_T) * init, len(ts), sigma_up.tolist()
+    for i in range(n):
+        x0 = denoise(i, x)
+        x = x + (x - x0) * dt_over_sigma[i]
+        if sigma_up[i] > 0:
+            x = x + sigma_up[i] * _randn(x, opts.generator)
+        if opts.callback is not None:
+            opts.callback(i, n, x * vp_scale[i], x0)
+    return x.to(x_T.dtype)
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m,
+                                                    "euler_a": euler_a}
+
+
+def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str = "ddim", steps: int = 50,
+           eta: float = 0.0, generator: torch.Generator | None = None, timestep_spacing: str = "leading",
+           use_karras_sigmas: bool = False, callback: Callback | None = None, model_kwargs: dict | None = None,
+           steps_offset: int = 0) -> torch.Tensor:
+    """Run ``sampler`` from x_T ~ N(0, I) (shape (B, C, H, W), drawn by the caller) and return x0.
+
+    ``steps``: 1..T model evaluations. ``eta``: DDIM stochasticity (ddim only). ``generator``: every noise draw
+    after x_T. ``timestep_spacing``: leading | trailing | linspace, as diffusers; ``steps_offset`` is added to
+    leading timesteps (Stable Diffusion configs use 1 with leading; default 0). ``use_karras_sigmas``: Karras
+    noise levels (dpmpp_2m only). ``callback(i, steps, x_t, pred_x0)`` runs after each step.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+    T = schedule.num_timesteps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
+        raise ValueError(f"steps={steps!r} must be an integer between 1 and the schedule's num_timesteps={T}")
+    if timestep_spacing not in SPACINGS:
+        raise ValueError(f"timestep_spacing={timestep_spacing!r} is not one of {list(SPACINGS)}")
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
+        raise ValueError(f"steps_offset={steps_offset!r} must be a non-negative integer")
+    if eta < 0 or (eta != 0 and sampler != "ddim"):
+        raise ValueError(f"eta={eta!r}: eta must be >= 0 and is only used by sampler='ddim' (got {sampler!r})")
+    if use_karras_sigmas and sampler != "dpmpp_2m":
+        raise ValueError(f"use_karras_sigmas is only supported by sampler='dpmpp_2m' (got {sampler!r})")
+    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
+        raise ValueError("x_T must be a floating-point tensor of shape (B, ...)")
+    opts = SamplerOptions(steps=steps, eta=eta, generator=generator, timestep_spacing=timestep_spacing,
+                          steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas, callback=callback,
+                          model_kwargs=model_kwargs)
+    return SAMPLERS[sampler](model, schedule, x_T, opts)
+
+
+def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]:
+    """Wrap ``model(x_t, t, context=...)`` into ``guided(x_t, t, context=..., uncond_context=...)``.
+
+    guided = D(x_t, ∅) + scale · (D(x_t, c) - D(x_t, ∅)) (Eq. 6 of Ho & Salimans 2022, written around the
+    unconditional output as Stable Diffusion does), from ONE model call on the batch cat([uncond, cond]) of size
+    2B. With scale == 1 that is the conditional output: one call on the B conditional inputs, ``uncond_context``
+    unused. Guiding a v or x0 output equals guiding ε, since at fixed (x_t, t) each is affine in the others.
+    A negative prompt is just the ``uncond_context`` (the pipeline encodes it instead of the empty prompt).
+    """
+
+    def guided(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+               uncond_context: torch.Tensor | None = None) -> torch.Tensor:
+        if scale == 1:
+            return model(x_t, t, context=context)
+        if uncond_context is None:
+            raise ValueError(f"classifier-free guidance with scale={scale!r} needs uncond_context")
+        if uncond_context.shape != context.shape:
+            raise ValueError(f"uncond_context shape {tuple(uncond_context.shape)} does not match "
+                             f"context shape {tuple(context.shape)}")
+        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), context=torch.cat([uncond_context, context]))
+        uncond, cond = out.chunk(2)  # (B, ...) each
+        return uncond + scale * (cond - uncond)
+
+    return guided

@@ -1,0 +1,247 @@
+"""Fréchet Inception Distance between image sources and saved statistics.
+
+    features = Features(FEATURE_EXTRACTOR, lambda: load_inception(device="cuda"))
+    a = source_statistics("samples/", features)
+    b = source_statistics("cifar10-test.tar.gz", features, cache_dir=DEFAULT_CACHE_DIR)
+    score = fid(a.stats, b.stats)
+
+Pipeline per source: select samples (latentdiff.metrics.images), decode to uint8 RGB, resize to 299×299 with the
+documented method (``RESIZE_METHOD``), scale to [0, 1], extract pool3 features, accumulate mean and covariance in
+float64 (latentdiff.metrics.frechet.RunningMoments). Unreadable images are skipped, counted and named.
+
+Statistics files are ``.npz`` with ``mu`` (D,), ``sigma`` (D, D), ``count`` and ``meta`` (a JSON string: source,
+selection, resize method, feature extractor, ...); pytorch-fid's files (``mu``, ``sigma`` only) are read too. The
+automatic cache stores a source's statistics under a key hashed from its path, the size and mtime of every file it
+reads, the selection, the resize method and the feature extractor, so any change recomputes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import latentdiff
+from latentdiff.io.atomic import atomic_write
+from latentdiff.metrics.frechet import RunningMoments, frechet_distance
+from latentdiff.metrics.images import (
+    RESIZE_METHOD,
+    FolderSource,
+    Sample,
+    SampleStream,
+    SourceError,
+    decode_image,
+    open_image_source,
+    resize_for_inception,
+    select_samples,
+)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/latentdiff/fid").expanduser()
+_CACHE_FORMAT = 1  # bump when the statistics computation changes
+
+
+class StatisticsError(ValueError):
+    """A statistics file that cannot be read, or two that cannot be compared."""
+
+
+@dataclass
+class FeatureStatistics:
+    """Mean (D,) and covariance (D, D) of a feature set, its size and how it was made."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    count: int
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path: str | Path, overwrite: bool = True) -> None:
+        """Write an .npz file atomically (``overwrite=False``: refuse an existing file, FileExistsError)."""
+        with atomic_write(path, mode="wb", overwrite=overwrite) as f:
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=np.int64(self.count), meta=np.array(json.dumps(self.meta)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureStatistics:
+        """Read our .npz files or pytorch-fid's (``mu``/``sigma`` only: count -1, empty meta)."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+                count = int(data["count"]) if "count" in data else -1
+                meta = json.loads(str(data["meta"])) if "meta" in data else {}
+        except (OSError, ValueError, KeyError) as err:
+            raise StatisticsError(f"{path}: not a statistics file with mu and sigma ({err})") from err
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+            raise StatisticsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        return cls(mu, sigma, count, meta)
+
+
+class Features:
+    """A feature extractor, loaded on first use, and the name its statistics record.
+
+    ``load()`` returns the model, (B, 3, 299, 299) float RGB in [0, 1] -> (B, D), and a description of its
+    weights. The name alone keys the cache, so cached statistics need no model (nor its weights).
+    """
+
+    def __init__(self, name: str, load: Callable[[], tuple[Callable[[torch.Tensor], torch.Tensor], str]]):
+        self.name, self._load = name, load
+        self._model, self.weights = None, ""
+
+    @property
+    def model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self._model is None:
+            self._model, self.weights = self._load()
+        return self._model
+
+
+@dataclass
+class SourceStatistics:
+    """Statistics of one source, where they came from, and the images that could not be read."""
+
+    stats: FeatureStatistics
+    origin: str
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _inception_input(sample: Sample) -> tuple[str, torch.Tensor | None, str | None]:
+    if sample.image is None:
+        return sample.name, None, sample.error
+    try:
+        pixels = resize_for_inception(decode_image(sample.image))  # (3, 299, 299) on the 0..255 scale
+    except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
+        return sample.name, None, f"{type(err).__name__}: {err}"
+    return sample.name, torch.from_numpy(pixels / np.float32(255.0)), None
+
+
+def _collate(items):
+    good = [pixels for _, pixels, _ in items if pixels is not None]
+    failures = [(name, error) for name, pixels, error in items if pixels is None]
+    return (torch.stack(good) if good else None), failures  # (B, 3, 299, 299)
+
+
+def _selection_text(selection: np.ndarray | None, total: int | None, subset: str, seed: int) -> str:
+    if selection is None:
+        return "all"
+    if subset == "first":
+        return f"first {len(selection)}"
+    return f"random {len(selection)} of {total} (seed {seed})"
+
+
+def compute_statistics(
+    source,
+    features: Features,
+    *,
+    num_samples: int | None = None,
+    subset: str = "random",
+    seed: int = 0,
+    batch_size: int = 50,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> SourceStatistics:
+    """Feature statistics of an opened image source (see latentdiff.metrics.images)."""
+    needs_total = isinstance(source, FolderSource) or (num_samples is not None and subset == "random")
+    total = source.count() if needs_total else None
+    selection = select_samples(total, num_samples, subset, seed)
+    expected = len(selection) if selection is not None else total
+    loader = DataLoader(
+        SampleStream(source, selection, _inception_input),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate,
+    )
+    moments, failures = None, []
+    with tqdm(total=expected, unit="img", disable=not progress, desc="features", mininterval=5.0) as bar:
+        for images, failed in loader:
+            failures += failed
+            if images is not None:
+                with torch.no_grad():
+                    batch = features.model(images.to(device)).double().cpu().numpy()  # (B, D)
+                moments = moments or RunningMoments(batch.shape[1])
+                moments.update(batch)
+            bar.update(len(failed) + (0 if images is None else len(images)))
+    used = 0 if moments is None else moments.count
+    if used < 2:
+        raise SourceError(f"{source.description}: {used} readable images ({len(failures)} unreadable); need >= 2")
+    meta = {
+        "source": source.description,
+        "count": used,
+        "unreadable": len(failures),
+        "selection": _selection_text(selection, total, subset, seed),
+        "resize": RESIZE_METHOD,
+        "feature_extractor": features.name,
+        "weights": features.weights,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "latentdiff": latentdiff.__version__,
+    }
+    return SourceStatistics(FeatureStatistics(moments.mean, moments.covariance(), used, meta), "computed", failures)
+
+
+def cache_key(source, features_name: str, num_samples: int | None, subset: str, seed: int) -> str:
+    """Hash of the source's files (path, size, mtime), the selection, the resize and the feature extractor."""
+    h = hashlib.sha256()
+    settings = {
+        "format": _CACHE_FORMAT,
+        "source": source.description,
+        "num_samples": num_samples,
+        "subset": subset if num_samples is not None else None,
+        "seed": seed if num_samples is not None and subset == "random" else None,
+        "resize": RESIZE_METHOD,
+        "features": features_name,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for path in source.files():
+        st = path.stat()
+        h.update(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def source_statistics(
+    spec: str | Path,
+    features: Features,
+    *,
+    cache_dir: str | Path | None = None,
+    num_samples: int | None = None,
+    subset: str = "random",
+    seed: int = 0,
+    **compute_kwargs,
+) -> SourceStatistics:
+    """Statistics of a source spec: an .npz file is read; images are computed, or read from ``cache_dir``."""
+    if str(spec).endswith(".npz"):
+        return SourceStatistics(FeatureStatistics.load(spec), f"statistics file {spec}")
+    source = open_image_source(spec)
+    cache_path = None
+    if cache_dir is not None:
+        key = cache_key(source, features.name, num_samples, subset, seed)
+        cache_path = Path(cache_dir).expanduser() / f"{key}.npz"
+        if cache_path.is_file():
+            return SourceStatistics(FeatureStatistics.load(cache_path), f"cache {cache_path}")
+    result = compute_statistics(source, features, num_samples=num_samples, subset=subset, seed=seed, **compute_kwargs)
+    if cache_path is not None:
+        result.stats.save(cache_path)
+        result.origin = f"computed, cached in {cache_path}"
+    return result
+
+
+def check_compatible(a: FeatureStatistics, b: FeatureStatistics) -> list[str]:
+    """Raise if the two were made with different resize methods or feature extractors; return warnings."""
+    if a.mu.shape != b.mu.shape:
+        raise StatisticsError(f"feature dimensions differ: {a.mu.shape[0]} vs {b.mu.shape[0]}")
+    warnings = []
+    for key in ("resize", "feature_extractor"):
+        va, vb = a.meta.get(key), b.meta.get(key)
+        if va is not None and vb is not None and va != vb:
+            raise StatisticsError(f"statistics differ in {key}: {va!r} vs {vb!r}")
+        if va is None or vb is None:
+            warnings.append(f"a statistics file records no {key}; cannot check that both sides match")
+    return warnings
+
+
+def fid(a: FeatureStatistics, b: FeatureStatistics) -> float:
+    """FID of two statistics (after :func:`check_compatible`)."""
+    return frechet_distance(a.mu, a.sigma, b.mu, b.sigma)

@@ -1,0 +1,118 @@
+"""What a run leaves to look at: a JSONL loss log, a PNG loss plot, and sample grids.
+
+``log.jsonl`` gets one JSON object per logged step, each appended with a single ``write`` on an ``O_APPEND``
+descriptor and flushed, so a kill can at most cut the last line (which readers skip). On resume the log is
+rewritten (atomically) without the entries past the resumed step, so it always describes one history.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from latentdiff.images import make_grid
+from latentdiff.io.atomic import atomic_write
+
+
+def read_log(path: Path) -> list[dict]:
+    """All complete records of a JSONL log (a cut last line is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class LossLog:
+    """Append-only JSONL log of training metrics with a PNG plot next to it."""
+
+    def __init__(self, path: Path, plot_path: Path | None = None):
+        self.path = Path(path)
+        self.plot_path = plot_path
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records logged after ``step`` (they belong to a history that a resume discards)."""
+        if not self.path.exists():
+            return
+        records = read_log(self.path)
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if len(kept) != len(records) or _has_cut_line(self.path):
+            with atomic_write(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+
+    def append(self, record: dict) -> None:
+        line = (json.dumps(record) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def plot(self, keys: tuple[str, ...] = ("loss",)) -> None:
+        """Redraw the loss curves (log scale when positive) into ``plot_path``."""
+        if self.plot_path is None:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        records = read_log(self.path)
+        if not records:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+        keys = tuple(k for k in records[-1] if k.startswith("loss")) or keys
+        positive = True
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
+                   and math.isfinite(r[key])]
+            if pts:
+                steps, values = zip(*pts)
+                ax.plot(steps, values, label=key, linewidth=1)
+                positive &= min(values) > 0
+        if positive:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="upper right", fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        with atomic_write(self.plot_path, "wb") as f:
+            f.write(buf.getvalue())
+
+
+def _has_cut_line(path: Path) -> bool:
+    data = path.read_bytes()
+    return bool(data) and not data.endswith(b"\n")
+
+
+def save_image_grid(images: torch.Tensor, path: Path, cols: int | None = None, min_side: int = 64) -> Path:
+    """Write (N, 3, H, W) images in [-1, 1] as one PNG grid, atomically; tiles smaller than ``min_side`` are
+    enlarged by an integer factor (nearest neighbour) so that small images stay visible."""
+    from latentdiff.pipelines import to_pil
+
+    N, C, H, W = images.shape
+    factor = max(1, min_side // min(H, W))
+    if factor > 1:
+        images = F.interpolate(images, scale_factor=factor, mode="nearest")  # (N, 3, H*f, W*f)
+    grid = make_grid(to_pil(images), cols=cols)
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    with atomic_write(path, "wb") as f:
+        f.write(buf.getvalue())
+    return Path(path)

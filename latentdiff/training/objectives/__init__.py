@@ -1,0 +1,86 @@
+"""One training objective per model kind, chosen by ``objective.type`` in the training config.
+
+An :class:`Objective` is an ``nn.Module`` that owns the networks of one model kind (trainable and frozen), so the
+trainer wraps it whole in ``DistributedDataParallel`` and runs one loop for every kind. The registry maps the
+config ``type`` to the class; the VQ path registers its own objectives with :func:`register_objective`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+OBJECTIVES: dict[str, type] = {}
+
+
+def register_objective(name: str, cls: type) -> None:
+    OBJECTIVES[name] = cls
+
+
+class Objective(nn.Module):
+    """What the trainer needs from a model kind.
+
+    Subclasses set the attributes below in ``__init__`` and implement :meth:`forward`,
+    :meth:`sample_images` and :meth:`export`.
+
+    - ``trainable``: name -> module whose weights are checkpointed (e.g. ``unet``, ``discriminator``).
+    - ``ema_names``: the subset of ``trainable`` averaged by EMA and exported with the averaged weights.
+    - ``frozen``: name -> module kept in eval mode without gradients (e.g. the autoencoder of latent diffusion).
+    - ``find_unused_parameters``: True when some steps leave trainable parameters unused (DDP must know).
+    """
+
+    find_unused_parameters = False
+
+    def __init__(self):
+        super().__init__()
+        self.trainable: dict[str, nn.Module] = {}
+        self.ema_names: tuple[str, ...] = ()
+        self.frozen: dict[str, nn.Module] = {}
+
+    def optimizer_params(self) -> dict[str, tuple[list[nn.Parameter], dict]]:
+        """Optimizer name -> (parameters, AdamW overrides such as ``lr``/``betas``). Default: one optimizer."""
+        params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]
+        return {"main": (params, {})}
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for module in self.frozen.values():
+            module.eval()
+        return self
+
+    def prepare(self, batch: dict, dist) -> None:
+        """Called once with the first batch of a fresh (not resumed) run, before its first step."""
+
+    def forward(self, batch: dict, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(scalar loss to minimise, detached scalar terms to log) for one micro-batch at optimizer step ``step``."""
+        raise NotImplementedError
+
+    def sample_images(self, batch: dict) -> torch.Tensor:
+        """(N, 3, H, W) images in [-1, 1] showing progress (reconstructions, generations)."""
+        raise NotImplementedError
+
+    def export(self) -> tuple[object, dict[str, nn.Module]]:
+        """(model config, component -> module) for ``save_model_file``, with the current weights."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Plain values (no tensors needed) that the objective learned and must survive a resume."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Inverse of :meth:`extra_state`."""
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def build_objective(train_cfg) -> Objective:
+    """The objective named by ``train_cfg.objective.type``, with its networks built on the CPU."""
+    from latentdiff.training.objectives import autoencoder_kl, latent_diffusion  # noqa: F401  (registration)
+
+    kind = train_cfg.objective.type
+    if kind not in OBJECTIVES:
+        raise ValueError(f"objective.type={kind!r} is not one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[kind](train_cfg)

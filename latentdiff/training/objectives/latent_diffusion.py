@@ -1,0 +1,147 @@
+"""Latent diffusion training (Rombach et al., 2022, Eq. 2): the U-Net learns the simple DDPM loss on the latents of
+a frozen KL autoencoder, conditioned on text through cross-attention.
+
+| symbol | code          | meaning                                                              |
+|--------|---------------|----------------------------------------------------------------------|
+| E      | autoencoder   | frozen encoder, ``encode`` gives scaled latents z0 = (z − shift)·s   |
+| τ_θ    | text_encoder  | caption -> context (B, L, D); trainable or frozen                    |
+| ε_θ    | unet          | predicts ε, v or x0 (``schedule.prediction_type``)                   |
+| p_drop | data.caption_dropout | share of captions the reader replaced by "" (Ho & Salimans, 2022) |
+
+1. z0 = E(x), a posterior sample (as CompVis LDM does), no gradient.
+2. Captions are encoded; the reader has already replaced each by "" with probability p_drop (deterministically
+   per sample position, so resumes repeat it), so the model also learns the unconditional prediction that
+   classifier-free guidance needs (Ho & Salimans, 2022, Alg. 1); the pipeline's unconditional branch encodes ""
+   the same way.
+3. t ~ U{0, ..., T−1}, ε ~ N(0, I); loss = E[w(t) ‖ε_θ(x_t, t, τ_θ(y)) − target‖²] via
+   :func:`latentdiff.diffusion.gaussian.training_losses` (w = 1, or min-SNR-γ, Hang et al., 2023, Eq. 9).
+
+The latent scale s: with ``scale_latents_by_std`` a fresh run sets s = 1 / std(z − shift) over its first batch
+(all ranks), as CompVis ``scale_by_std`` does, so the diffusion model sees roughly unit-variance latents; s is
+checkpointed and exported in the model config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+
+import torch
+
+from latentdiff.diffusion.gaussian import sample_timesteps, training_losses
+from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
+from latentdiff.models.autoencoder_kl import AutoencoderKL
+from latentdiff.models.text import build_text_encoder
+from latentdiff.models.unet import UNetModel
+from latentdiff.training.objectives import Objective, freeze, register_objective
+
+
+class LatentDiffusionObjective(Objective):
+    def __init__(self, train_cfg):
+        super().__init__()
+        self.cfg = cfg = train_cfg.objective
+        model_cfg = copy.deepcopy(train_cfg.model)
+        ae_state = None
+        if cfg.autoencoder_checkpoint:
+            ae_cfg, ae_state = _read_autoencoder(cfg.autoencoder_checkpoint)
+            if ae_cfg != model_cfg.autoencoder:
+                print(f"note: using the autoencoder config stored in {cfg.autoencoder_checkpoint} instead of "
+                      f"model.autoencoder", file=sys.stderr)
+            model_cfg = dataclasses.replace(model_cfg, autoencoder=ae_cfg)  # re-validates the whole model
+        else:
+            print("warning: objective.autoencoder_checkpoint is not set: the frozen autoencoder has random "
+                  "weights (only useful for tests)", file=sys.stderr)
+        self.model_cfg = model_cfg
+        unet_cfg = dataclasses.replace(model_cfg.unet, gradient_checkpointing=train_cfg.gradient_checkpointing)
+        self.unet = UNetModel(unet_cfg)
+        self.text_encoder = build_text_encoder(model_cfg.text_encoder)
+        self.autoencoder = freeze(AutoencoderKL(model_cfg.autoencoder))
+        if ae_state is not None:
+            load_into(self.autoencoder, ae_state, f"autoencoder of {cfg.autoencoder_checkpoint}")
+        self.frozen["autoencoder"] = self.autoencoder
+        self.trainable = {"unet": self.unet}
+        if cfg.train_text_encoder:
+            self.trainable["text_encoder"] = self.text_encoder
+        else:
+            self.frozen["text_encoder"] = freeze(self.text_encoder)
+        self.ema_names = tuple(self.trainable)
+        self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
+
+    def _schedule_on(self, device: torch.device) -> DiffusionSchedule:
+        if self.schedule.device != device:
+            self.schedule = self.schedule.to(device)
+        return self.schedule
+
+    @torch.no_grad()
+    def prepare(self, batch: dict, dist) -> None:
+        """Fresh run: s = 1 / std(z − shift) over the first batch of every rank (mode of q(z|x), no RNG used)."""
+        if not self.cfg.scale_latents_by_std:
+            return
+        ae_cfg = self.autoencoder.cfg
+        z = self.autoencoder.encode_posterior(batch["image"]).mode().float() - ae_cfg.shift_factor
+        stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)])
+        total, total_sq, n = dist.all_reduce_sum(stats.double()).tolist()
+        std = (total_sq / n - (total / n) ** 2) ** 0.5
+        ae_cfg.scaling_factor = 1.0 / std
+
+    def forward(self, batch: dict, step: int):
+        x = batch["image"]  # (B, 3, H, W)
+        B = x.shape[0]
+        with torch.no_grad():
+            z0 = self.autoencoder.encode(x, sample=True).float()  # (B, C, h, w), step 1
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_text_encoder):
+            context = self.text_encoder.encode(list(batch["caption"]))  # (B, L, D), step 2
+        schedule = self._schedule_on(x.device)
+        t = sample_timesteps(B, schedule.num_timesteps, device=x.device)  # step 3
+        out = training_losses(schedule, self.unet, z0, t, model_kwargs={"context": context},
+                              min_snr_gamma=self.cfg.min_snr_gamma)
+        return out["loss"].mean(), {"mse": out["mse"].mean().detach()}
+
+    @torch.no_grad()
+    def sample_images(self, batch: dict):
+        """A grid generated from ``objective.sample_prompts`` with fixed seeds (the trainer swaps in EMA weights)."""
+        from latentdiff.pipelines import LatentDiffusionPipeline
+
+        cfg = self.cfg
+        modes = {name: m.training for name, m in self.trainable.items()}
+        pipe = LatentDiffusionPipeline(self.export_config(), self.unet, self.autoencoder, self.text_encoder)
+        try:
+            images, _ = pipe.generate(list(cfg.sample_prompts), steps=cfg.sample_steps, scale=cfg.sample_scale,
+                                      sampler=cfg.sample_sampler, seed=cfg.sample_seed)
+        finally:
+            for name, m in self.trainable.items():
+                m.train(modes[name])
+        return images.clamp(-1, 1), None
+
+    def export_config(self):
+        unet_cfg = dataclasses.replace(self.model_cfg.unet, gradient_checkpointing=False)
+        return dataclasses.replace(self.model_cfg, unet=unet_cfg,
+                                   autoencoder=dataclasses.replace(self.autoencoder.cfg))
+
+    def export(self):
+        return self.export_config(), {"unet": self.unet, "autoencoder": self.autoencoder,
+                                      "text_encoder": self.text_encoder}
+
+    def extra_state(self) -> dict:
+        return {"scaling_factor": float(self.autoencoder.cfg.scaling_factor)}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "scaling_factor" in state:
+            self.autoencoder.cfg.scaling_factor = float(state["scaling_factor"])
+
+
+def _read_autoencoder(path: str):
+    """(autoencoder config, state dict) from a model file written by an autoencoder_kl run (or a full model)."""
+    try:
+        cfg, parts, _ = load_model_file(path)
+    except CheckpointError as e:
+        raise ValueError(f"objective.autoencoder_checkpoint: {e}") from None
+    if "autoencoder" not in parts or not hasattr(cfg, "autoencoder"):
+        raise ValueError(f"objective.autoencoder_checkpoint={path!r} holds no 'autoencoder' weights "
+                         f"(components: {sorted(parts)})")
+    return cfg.autoencoder, parts["autoencoder"]
+
+
+register_objective("latent_diffusion", LatentDiffusionObjective)

@@ -1,0 +1,316 @@
+"""The training loop shared by every model kind: AMP, gradient accumulation and clipping, EMA, DDP, checkpoints,
+logging, sample grids and the final export.
+
+One optimizer step at step s (``grad_accum`` = A micro-batches per rank, R ranks):
+
+1. For each micro-batch: loss = objective(batch, s) under autocast; backward of scaler.scale(loss / A). DDP
+   all-reduces gradients on the last micro-batch only (``no_sync`` before).
+2. Guard: the loss summed over ranks must be finite, else :class:`NonFiniteError` (before any update, so
+   nothing broken is ever saved). Gradients are unscaled and clipped per optimizer; a non-finite gradient norm
+   stops the run too, except under fp16, where GradScaler skips the step and lowers its scale (an overflow) —
+   ``MAX_SKIPPED_STEPS`` skips in a row stop it as well.
+3. Optimizers and LR schedulers step, the scaler updates, the EMA updates; s ← s + 1.
+4. Rank 0 logs, draws sample grids and writes checkpoints (all ranks meet in the RNG gather and a barrier).
+
+Randomness: every rank seeds model initialisation with ``seed`` (identical weights) and training with
+``seed + 1 + rank`` (different noise, timesteps and dropout per rank). Checkpoints carry every rank's RNG
+states, so a resumed run continues bit-identically on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from latentdiff.config import config_to_json, save_config, to_dict
+from latentdiff.io.checkpoint import save_model_file
+from latentdiff.training.distributed import DistContext
+from latentdiff.training.ema import EMA
+from latentdiff.training.feed import BatchFeed
+from latentdiff.training.logging import LossLog, save_image_grid
+from latentdiff.training.objectives import build_objective
+from latentdiff.training.optim import build_optimizer, build_scheduler
+from latentdiff.training.state import (
+    TrainCheckpointError,
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temp_files,
+    restore_rng,
+    save_checkpoint,
+)
+
+MAX_SKIPPED_STEPS = 20
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the gradients became NaN/inf; nothing was saved after the last good checkpoint."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision=fp16 needs CUDA; use fp32 or bf16 on the CPU")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+class Trainer:
+    """``Trainer(cfg, outdir, dist).run()``; ``resume`` is ``auto`` (newest complete checkpoint in ``outdir``, if
+    any), ``none`` (fresh; refuses an ``outdir`` that has checkpoints) or a checkpoint path. ``max_steps`` stops
+    the run early (the LR schedule still spans ``cfg.steps``)."""
+
+    def __init__(self, cfg, outdir: str | Path, dist: DistContext | None = None, resume: str = "auto",
+                 max_steps: int | None = None, progress: bool = True):
+        self.cfg = cfg
+        self.dist = dist = dist or DistContext()
+        self.device = dist.device
+        self.outdir = Path(outdir)
+        self.ckpt_dir = self.outdir / "checkpoints"
+        self.stop_step = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
+        self.progress = progress and dist.is_main
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        self.objective = build_objective(cfg).to(self.device)
+        if cfg.compile:
+            for module in self.objective.trainable.values():
+                module.compile()
+        self.model = self.objective
+        if dist.enabled:
+            self.model = DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.objective.find_unused_parameters)
+        self.optimizers, self.schedulers = {}, {}
+        for name, (params, overrides) in self.objective.optimizer_params().items():
+            self.optimizers[name] = build_optimizer(params, cfg.optim, **overrides)
+            self.schedulers[name] = build_scheduler(self.optimizers[name], cfg.optim, cfg.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        ema_modules = {n: self.objective.trainable[n] for n in self.objective.ema_names}
+        self.ema = EMA(ema_modules, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+        self.feed = BatchFeed(cfg.data, dist.rank, dist.world_size, pin_memory=self.device.type == "cuda")
+        self.log = LossLog(self.outdir / "log.jsonl", self.outdir / "loss.png")
+        self.step = 0
+        self.samples = 0  # samples seen by all ranks
+        self.elapsed = 0.0  # training seconds before this process
+        self.skipped = 0
+        self.resumed_from: Path | None = self._resume(resume)
+        if self.resumed_from is None:
+            seed_everything(cfg.seed + 1 + dist.rank)
+
+    # -- checkpoints --------------------------------------------------------------------------------------------
+    def _resume(self, resume: str) -> Path | None:
+        if resume == "none":
+            if list_checkpoints(self.ckpt_dir):
+                raise ValueError(f"{self.outdir} already holds checkpoints; resume with --resume auto, or pick "
+                                 f"another --outdir")
+            return None
+        if resume == "auto":
+            found = latest_checkpoint(self.ckpt_dir) if self.dist.is_main else None
+            path = self.dist.broadcast_object(str(found[0]) if found else None)
+            if path is None:
+                return None
+            state = found[1] if self.dist.is_main else load_checkpoint(Path(path))
+        else:
+            path = resume
+            state = load_checkpoint(Path(path))
+        self._load_state(state, Path(path))
+        return Path(path)
+
+    def _load_state(self, state: dict, path: Path) -> None:
+        saved = json.loads(state["config"])
+        for section in ("model", "objective"):
+            if saved[section] != to_dict(self.cfg)[section]:
+                raise TrainCheckpointError(f"{path} was trained with a different {section} config; resume it with "
+                                           f"its own config (saved in {self.outdir / 'config.yaml'})")
+        for name, module in self.objective.trainable.items():
+            module.load_state_dict(state["modules"][name])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+            self.schedulers[name].load_state_dict(state["schedulers"][name])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise TrainCheckpointError(f"{path} has no EMA weights but ema.enabled is true")
+            self.ema.load_state_dict(state["ema"])
+        self.objective.load_extra_state(state["objective"])
+        self.feed.load_state_dict(state["data"])
+        self.step, self.samples = int(state["step"]), int(state["samples"])
+        self.elapsed, self.skipped = float(state["elapsed"]), int(state["skipped"])
+        rngs = state["rng"]
+        if len(rngs) == self.dist.world_size:
+            restore_rng(rngs[self.dist.rank])
+        else:
+            print(f"warning: {path} was written by {len(rngs)} rank(s), this run has {self.dist.world_size}; "
+                  f"random streams are reseeded", file=sys.stderr)
+            seed_everything(self.cfg.seed + 1 + self.dist.rank + 7919 * self.step)
+
+    def save_checkpoint(self) -> None:
+        rngs = self.dist.all_gather_object(capture_rng())
+        if self.dist.is_main:
+            state = {
+                "config": config_to_json(self.cfg), "world_size": self.dist.world_size,
+                "modules": {n: m.state_dict() for n, m in self.objective.trainable.items()},
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict(), "rng": rngs, "data": self.feed.state_dict(),
+                "objective": self.objective.extra_state(), "samples": self.samples,
+                "elapsed": self.elapsed + time.perf_counter() - self._t_start, "skipped": self.skipped,
+            }
+            save_checkpoint(self.ckpt_dir, self.step, state, self.cfg.keep_checkpoints)
+        self.dist.barrier()
+
+    def export(self) -> Path:
+        """Write ``model.safetensors`` (EMA weights when enabled), readable by ``load_pipeline``/``load_model_file``."""
+        path = self.outdir / "model.safetensors"
+        with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+            model_cfg, modules = self.objective.export()
+            save_model_file(path, model_cfg, modules, overwrite=True,
+                            extra_metadata={"name": self.outdir.name, "step": str(self.step),
+                                            "ema": str(self.ema is not None).lower()})
+        return path
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.amp_dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
+
+    def _next_batch(self) -> dict:
+        batch = next(self.feed)
+        batch["image"] = batch["image"].to(self.device, non_blocking=True)
+        return batch
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (steps 1-3 of the module docstring); returns the step's metrics."""
+        cfg, A = self.cfg, self.cfg.grad_accum
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=self.device)
+        terms: dict[str, torch.Tensor] = {}
+        for i in range(A):
+            batch = self._next_batch()
+            if self._sample_batch is None:  # fixed inputs of this process's sample grids
+                self._sample_batch = {"image": batch["image"][:16], "caption": batch["caption"][:16]}
+            if self._fresh_start:
+                self.objective.prepare(batch, self.dist)
+                self._fresh_start = False
+            sync = self.dist.enabled and i < A - 1
+            with self.model.no_sync() if sync else contextlib.nullcontext():
+                with self._autocast():
+                    loss, logs = self.model(batch, self.step)
+                self.scaler.scale(loss / A).backward()
+            loss_sum += loss.detach().float()
+            for k, v in logs.items():
+                terms[k] = terms.get(k, 0.0) + v.float() / A
+            self.samples += len(batch["caption"]) * self.dist.world_size
+        # 2. guard against non-finite loss (collectively, so every rank stops together)
+        loss_mean = self.dist.all_reduce_sum(loss_sum / A) / self.dist.world_size
+        if not torch.isfinite(loss_mean):
+            raise NonFiniteError(f"the loss became {loss_mean.item()} at step {self.step}")
+        grad_norms = {}
+        for name, opt in self.optimizers.items():
+            self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
+            grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
+        if not all(math.isfinite(n) for n in grad_norms.values()):
+            self.skipped += 1
+            if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED_STEPS:
+                raise NonFiniteError(f"non-finite gradient norm {grad_norms} at step {self.step}")
+        else:
+            self.skipped = 0
+        # 3. update
+        for opt in self.optimizers.values():
+            self.scaler.step(opt)
+        self.scaler.update()
+        for sched in self.schedulers.values():
+            sched.step()
+        if self.ema is not None and (self.step + 1) % cfg.ema.every == 0:
+            self.ema.update()
+        self.step += 1
+        return {"loss": loss_mean, **terms, **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
+
+    def run(self) -> dict:
+        """Train until ``stop_step``; returns the last logged record."""
+        cfg, dist = self.cfg, self.dist
+        if dist.is_main:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, self.outdir / "config.yaml")
+            remove_stale_temp_files(self.ckpt_dir)
+            self.log.truncate_after(self.step)
+        self._fresh_start = self.resumed_from is None
+        self._sample_batch: dict | None = None
+        self._t_start = time.perf_counter()
+        bar = tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.progress)
+        acc: dict[str, list] = {}  # metric -> [sum, count] over the log interval
+        t_log, s_log, record = time.perf_counter(), self.samples, {}
+        while self.step < self.stop_step:
+            metrics = self.train_step()
+            for k, v in metrics.items():
+                acc.setdefault(k, [0.0, 0])
+                acc[k][0] += v
+                acc[k][1] += 1
+            bar.update(1)
+            last = self.step == self.stop_step
+            if self.step % cfg.log_every == 0 or last:
+                record = self._log_record(acc, t_log, s_log)
+                acc, t_log, s_log = {}, time.perf_counter(), self.samples
+                bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
+            if dist.is_main and cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+                self.save_samples(self._sample_batch)
+            if self.step % cfg.checkpoint_every == 0 or last:
+                self.save_checkpoint()
+        bar.close()
+        if dist.is_main:
+            self.export()
+        dist.barrier()
+        return record
+
+    def _log_record(self, acc: dict, t_log: float, s_log: int) -> dict:
+        """Average the interval's metrics over steps and ranks; rank 0 appends them to the log and the plot."""
+        keys = sorted(acc)
+        values = torch.stack([torch.as_tensor(acc[k][0], dtype=torch.float64, device=self.device) / acc[k][1]
+                              for k in keys])
+        values = (self.dist.all_reduce_sum(values) / self.dist.world_size).tolist()
+        seconds = time.perf_counter() - t_log
+        record = {"step": self.step, "epoch": self.feed.epoch, "samples": self.samples, **dict(zip(keys, values)),
+                  "lr": self.schedulers["main"].get_last_lr()[0],
+                  "samples_per_s": (self.samples - s_log) / max(seconds, 1e-9),
+                  "elapsed_s": self.elapsed + time.perf_counter() - self._t_start,
+                  "data_errors": self.feed.stats.sample_errors}
+        if self.scaler.is_enabled():
+            record["grad_scale"] = self.scaler.get_scale()
+        if self.dist.is_main:
+            self.log.append(record)
+            self.log.plot()
+        return record
+
+    def save_samples(self, batch: dict) -> Path:
+        """Sample grid at the current step (EMA weights when enabled), without touching any RNG stream."""
+        path = self.outdir / "samples" / f"step_{self.step:08d}.png"
+        devices = [self.device.index] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._autocast():
+            with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
+                images, cols = self.objective.sample_images(batch)
+        self.objective.train()
+        return save_image_grid(images.float(), path, cols=cols)

@@ -54,6 +54,7 @@ def test_never_overwrites(ckpt, tmp_path):
     (["--sampler", "plms"], "invalid choice: 'plms'"),
     (["--n_samples", "0"], "--n_samples must be a positive integer"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
+    (["--sampler", "euler_a", "--eta", "0.5", "--steps", "2"], "is only used by sampler='ddim'"),
 ])
 def test_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:

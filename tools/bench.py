@@ -2,8 +2,8 @@
 
 Both models are built from the same config with the same weights (diffusers' random init converted into
 latentdiff's layout) and fed the same inputs. Timed: one U-Net call with classifier-free guidance batching
-(2 x --batch), and a full guided DDIM sample loop (eta = 0, --steps steps, a plain loop written here and run
-identically for both models). Each repeat runs latentdiff then diffusers, so both see the same machine load;
+(2 x --batch), and a full guided DDIM sample loop (eta = 0, --steps steps, latentdiff's sampler and guidance
+wrapper driving either model). Each repeat runs latentdiff then diffusers, so both see the same machine load;
 the table reports medians after warmup, the ratio diffusers/latentdiff (> 1: latentdiff is faster), FLOPs of
 one call (torch.utils.flop_counter) and the achieved TFLOP/s.
 
@@ -26,11 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from latentdiff.config import UNetConfig  # noqa: E402
+from latentdiff.config import ScheduleConfig, UNetConfig  # noqa: E402
+from latentdiff.diffusion.samplers import classifier_free_guidance, sample  # noqa: E402
+from latentdiff.diffusion.schedule import DiffusionSchedule  # noqa: E402
 from latentdiff.io.atomic import atomic_write  # noqa: E402
 from latentdiff.io.convert_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers  # noqa: E402
+from latentdiff.models.attention import get_attention_backend, set_attention_backend  # noqa: E402
 from latentdiff.models.unet import UNetModel  # noqa: E402
 
 # name -> (U-Net config, latent side, context length)
@@ -74,7 +78,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_models(cfg: UNetConfig, device: torch.device, dtype: torch.dtype, seed: int):
     """(latentdiff U-Net, diffusers U-Net) with identical weights, in eval mode."""
     from diffusers import UNet2DConditionModel
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.set_verbosity_error()  # its note on casting with .to(dtype) does not apply to a U-Net
     torch.manual_seed(seed)
     theirs = UNet2DConditionModel(**unet_config_to_diffusers(cfg))
     ours = UNetModel(cfg)
@@ -83,54 +89,37 @@ def build_models(cfg: UNetConfig, device: torch.device, dtype: torch.dtype, seed
             theirs.to(device, dtype).eval().requires_grad_(False))
 
 
-def ddim_alphas_cumprod(num_timesteps: int = 1000) -> torch.Tensor:
-    """ᾱ_t of Stable Diffusion's scaled-linear schedule (β from 0.00085 to 0.012, linear in √β)."""
-    betas = torch.linspace(0.00085**0.5, 0.012**0.5, num_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, dim=0)
-
-
-def ddim_sample(unet, x_T, cond, uncond, steps: int, scale: float, alphas_cumprod: torch.Tensor):
-    """Guided deterministic DDIM (Song et al. 2021, Eq. 12 with σ_t = 0; Ho & Salimans 2022 for guidance).
-
-    x_t -> x_prev with ε̂ = ε_u + s (ε_c - ε_u), x̂0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t,
-    x_prev = √ᾱ_prev x̂0 + √(1-ᾱ_prev) ε̂. Timesteps are evenly spaced ("leading", as in SD's DDIM).
-    """
-    T = alphas_cumprod.shape[0]
-    timesteps = list(range(0, T, T // steps))[::-1]
-    context = torch.cat([uncond, cond])  # (2B, L, D)
-    x = x_T
-    for i, t in enumerate(timesteps):
-        a_t = alphas_cumprod[t].item()
-        a_prev = alphas_cumprod[timesteps[i + 1]].item() if i + 1 < len(timesteps) else 1.0
-        t_batch = torch.full((2 * x.shape[0],), t, device=x.device)
-        eps_u, eps_c = unet(torch.cat([x, x]), t_batch, context).chunk(2)  # (B, C, h, w) each
-        eps = eps_u + scale * (eps_c - eps_u)
-        pred_x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        x = a_prev**0.5 * pred_x0 + (1 - a_prev) ** 0.5 * eps
-    return x
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def time_pair(fns: dict, repeats: int, device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function, interleaved repeat by repeat."""
+def time_pair(fns: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], float]:
+    """Seconds per call of each function, interleaved repeat by repeat, and the max |difference| of the two
+    functions' last outputs."""
     times = {name: [] for name in fns}
+    outputs = {}
     for _ in range(repeats):
         for name, fn in fns.items():
             _sync(device)
             start = time.perf_counter()
-            fn()
+            outputs[name] = fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return times
+    ours, theirs = (out.float() for out in outputs.values())
+    return times, (ours - theirs).abs().max().item()
 
 
 def count_flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    """FLOPs of one call. Attention runs through SDPA's math kernel here: the fused CPU kernel (and xformers)
+    would be invisible to the counter."""
+    backend = get_attention_backend()
+    set_attention_backend("sdpa")
+    try:
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        set_attention_backend(backend)
     return counter.get_total_flops()
 
 
@@ -138,34 +127,35 @@ def run(args: argparse.Namespace) -> dict:
     cfg, side, length = CONFIGS[args.config]
     device, dtype = args.device, DTYPES[args.dtype]
     ours, theirs = build_models(cfg, device, dtype, args.seed)
-    models = {"latentdiff": ours, "diffusers": lambda x, t, c: theirs(x, t, c, return_dict=False)[0]}
+    models = {"latentdiff": ours, "diffusers": lambda x, t, context: theirs(x, t, context, return_dict=False)[0]}
 
     g = torch.Generator().manual_seed(args.seed)
     B = args.batch
     x = torch.randn(2 * B, cfg.in_channels, side, side, generator=g).to(device, dtype)
     t = torch.full((2 * B,), 500, device=device)
-    context = torch.randn(2 * B, length, cfg.context_dim, generator=g).to(device, dtype)
+    context = torch.randn(2 * B, length, cfg.context_dim, generator=g).to(device, dtype)  # [uncond; cond]
     calls = {name: (lambda m=m: m(x, t, context)) for name, m in models.items()}
 
     results = {"config": args.config, "unet": vars(cfg), "device": str(device), "dtype": args.dtype,
                "batch": B, "latent": [cfg.in_channels, side, side], "context_length": length,
                "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": args.steps,
                "params": sum(p.numel() for p in ours.parameters())}
+    rows, diffs = {}, {}
     with torch.inference_mode():
-        outputs = {name: fn() for name, fn in calls.items()}
-        results["max_abs_diff"] = (outputs["latentdiff"].float() - outputs["diffusers"].float()).abs().max().item()
         for _ in range(args.warmup):
             for fn in calls.values():
                 fn()
         results["flops"] = {name: count_flops(fn) for name, fn in calls.items()}
-        rows = {"unet call": time_pair(calls, args.repeats, device)}
+        rows["unet call"], diffs["unet call"] = time_pair(calls, args.repeats, device)
         if args.steps:
-            acp = ddim_alphas_cumprod()
+            schedule = DiffusionSchedule.from_config(ScheduleConfig())  # Stable Diffusion's scaled-linear betas
             x_T = torch.randn(B, cfg.in_channels, side, side, generator=g).to(device, dtype)
-            cond, uncond = context[B:], context[:B]
-            loops = {name: (lambda m=m: ddim_sample(m, x_T, cond, uncond, args.steps, args.scale, acp))
+            cond = {"context": context[B:], "uncond_context": context[:B]}
+            loops = {name: (lambda m=m: sample(classifier_free_guidance(m, args.scale), schedule, x_T, "ddim",
+                                               args.steps, model_kwargs=cond, steps_offset=1))
                      for name, m in models.items()}
-            rows[f"ddim {args.steps} steps"] = time_pair(loops, args.repeats, device)
+            row = f"ddim {args.steps} steps"
+            rows[row], diffs[row] = time_pair(loops, args.repeats, device)
         if device.type == "cuda":
             results["peak_memory_gib"] = {}
             for name, fn in calls.items():
@@ -175,22 +165,27 @@ def run(args: argparse.Namespace) -> dict:
     results["timings_s"] = {row: {name: statistics.median(ts) for name, ts in by_model.items()}
                             for row, by_model in rows.items()}
     results["raw_timings_s"] = rows
+    results["max_abs_diff"] = diffs
+    # U-Net calls per row: one, or one per step (on a batch of B instead of 2B when the scale is 1)
+    results["calls_per_row"] = {row: 1.0 if row == "unet call" else args.steps * (0.5 if args.scale == 1 else 1.0)
+                                for row in rows}
     return results
 
 
 def print_table(r: dict) -> None:
     print(f"config={r['config']} device={r['device']} dtype={r['dtype']} batch={r['batch']} (U-Net batch "
           f"{2 * r['batch']}) latent={r['latent']} threads={r['threads']} repeats={r['repeats']} "
-          f"params={r['params'] / 1e6:.2f}M max|diff|={r['max_abs_diff']:.2e}")
+          f"params={r['params'] / 1e6:.2f}M")
     flops = r["flops"]["latentdiff"]
     print(f"FLOPs per U-Net call: latentdiff {flops / 1e9:.2f} G, diffusers {r['flops']['diffusers'] / 1e9:.2f} G")
     print(f"{'':<16}{'latentdiff ms':>15}{'diffusers ms':>15}{'ratio d/l':>11}{'TFLOP/s ours':>14}"
-          f"{'TFLOP/s diff':>14}")
+          f"{'TFLOP/s diff':>14}{'max|diff|':>11}")
     for row, t in r["timings_s"].items():
-        calls = 1 if row == "unet call" else r["steps"]
+        calls = r["calls_per_row"][row]
         ours, theirs = t["latentdiff"], t["diffusers"]
         print(f"{row:<16}{ours * 1e3:>15.1f}{theirs * 1e3:>15.1f}{theirs / ours:>11.3f}"
-              f"{calls * flops / ours / 1e12:>14.3f}{calls * r['flops']['diffusers'] / theirs / 1e12:>14.3f}")
+              f"{calls * flops / ours / 1e12:>14.3f}{calls * r['flops']['diffusers'] / theirs / 1e12:>14.3f}"
+              f"{r['max_abs_diff'][row]:>11.2e}")
     if "peak_memory_gib" in r:
         mem = r["peak_memory_gib"]
         print(f"peak memory of one call: latentdiff {mem['latentdiff']:.2f} GiB, diffusers {mem['diffusers']:.2f} GiB")

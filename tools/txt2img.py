@@ -95,10 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         bar.update(1)
 
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
-                  sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
-                  num_images_per_prompt=args.n_samples, callback=progress)
-    bar.close()
+    try:
+        images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
+                      sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
+                      num_images_per_prompt=args.n_samples, callback=progress)
+    except ValueError as e:  # a combination only the sampler can judge (e.g. eta with a non-DDIM sampler)
+        fail(str(e))
+    finally:
+        bar.close()
     outdir = Path(args.outdir)
     paths = [save_png_new(im, outdir, im.info["parameters"]) for im in images]
     for path in paths:

@@ -147,11 +147,11 @@ def iter_segment(seg: Segment, report: Report) -> Iterator[RawSample]:
     problems: list[Problem] = []
     n = 0
     for key, members in iter_shard(seg.shard, problems.append):
-        if n >= seg.stop:
-            break
         if n >= seg.start:
             yield RawSample(seg.shard, n, key, members)
         n += 1
+        if n >= seg.stop:
+            break  # before reading the next member: a problem after the segment is not this segment's
     for p in problems:
         report(p)
     if n < seg.stop:

@@ -9,6 +9,9 @@ names, mode 0644), so the same samples always give byte-identical shards. Each s
 :func:`latentdiff.io.atomic.atomic_write` (temp file, fsync, rename): a reader never sees half a shard, and an
 interrupted write leaves only a ``.tmp-*`` file. Keys must not contain '.' or '/' (webdataset splits the member
 name at the first dot of the file name).
+
+``prepare_outdir`` refuses a non-empty output folder unless asked to overwrite; ``remove_stale_shards`` then
+deletes the replaced manifest's shards that the new one no longer lists.
 """
 
 from __future__ import annotations
@@ -124,7 +127,8 @@ def prepare_outdir(outdir: str | Path, overwrite: bool) -> list[str]:
         raise FileExistsError(f"output {str(outdir)!r} exists and is not a folder")
     if outdir.is_dir() and any(outdir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"output folder {str(outdir)!r} is not empty; pass overwrite to replace its shards")
+            raise FileExistsError(f"output folder {str(outdir)!r} is not empty; pass --overwrite (overwrite=True) "
+                                  "to replace its shards")
         old = load_manifest(outdir)
         (outdir / MANIFEST_NAME).unlink(missing_ok=True)
         return [s.name for s in old.shards] if old else []

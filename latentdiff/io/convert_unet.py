@@ -120,6 +120,10 @@ def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attends = [2**i in cfg.attention_resolutions for i in range(n)]
+    for c in {channels[i] for i in range(n) if attends[i]} | {channels[-1]}:  # transformer widths
+        if c % (cfg.num_heads or cfg.num_head_channels):
+            raise ValueError(f"transformer width {c} is not divisible by num_heads={cfg.num_heads} / "
+                             f"num_head_channels={cfg.num_head_channels}")
     if cfg.num_heads is not None:
         heads = cfg.num_heads
     else:  # constant head width -> head count per block; non-attention blocks get any valid count

@@ -42,6 +42,7 @@ from latentdiff.metrics.images import (
     open_image_source,
     resize_for_inception,
     select_samples,
+    selection_text,
 )
 
 DEFAULT_CACHE_DIR = Path("~/.cache/latentdiff/fid").expanduser()
@@ -124,14 +125,6 @@ def _collate(items):
     return (torch.stack(good) if good else None), failures  # (B, 3, 299, 299)
 
 
-def _selection_text(selection: np.ndarray | None, total: int | None, subset: str, seed: int) -> str:
-    if selection is None:
-        return "all"
-    if subset == "first":
-        return f"first {len(selection)}"
-    return f"random {len(selection)} of {total} (seed {seed})"
-
-
 def compute_statistics(
     source,
     features: Features,
@@ -172,7 +165,7 @@ def compute_statistics(
         "source": source.description,
         "count": used,
         "unreadable": len(failures),
-        "selection": _selection_text(selection, total, subset, seed),
+        "selection": selection_text(selection, total, subset, seed),
         "resize": RESIZE_METHOD,
         "feature_extractor": features.name,
         "weights": features.weights,

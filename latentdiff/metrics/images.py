@@ -192,6 +192,15 @@ def select_samples(total: int | None, num_samples: int | None, subset: str, seed
     return np.sort(np.random.default_rng(seed).choice(total, size=num_samples, replace=False))
 
 
+def selection_text(selection: np.ndarray | None, total: int | None, subset: str, seed: int) -> str:
+    """How a selection was made, for reports and statistics metadata."""
+    if selection is None:
+        return "all"
+    if subset == "first":
+        return f"first {len(selection)}"
+    return f"random {len(selection)} of {total} (seed {seed})"
+
+
 class SampleStream(IterableDataset):
     """The selected samples of a source, split among DataLoader workers, each mapped through ``transform``."""
 

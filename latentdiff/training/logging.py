@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -35,11 +36,16 @@ def read_log(path: Path) -> list[dict]:
 
 
 class LossLog:
-    """Append-only JSONL log of training metrics with a PNG plot next to it."""
+    """Append-only JSONL log of training metrics with a PNG plot next to it.
 
-    def __init__(self, path: Path, plot_path: Path | None = None):
+    Drawing costs about a second, so :meth:`plot` redraws at most every ``plot_interval`` seconds unless forced.
+    """
+
+    def __init__(self, path: Path, plot_path: Path | None = None, plot_interval: float = 30.0):
         self.path = Path(path)
         self.plot_path = plot_path
+        self.plot_interval = plot_interval
+        self._last_plot = -math.inf
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step`` (they belong to a history that a resume discards)."""
@@ -60,10 +66,11 @@ class LossLog:
         finally:
             os.close(fd)
 
-    def plot(self, keys: tuple[str, ...] = ("loss",)) -> None:
+    def plot(self, force: bool = False) -> None:
         """Redraw the loss curves (log scale when positive) into ``plot_path``."""
-        if self.plot_path is None:
+        if self.plot_path is None or not force and time.monotonic() - self._last_plot < self.plot_interval:
             return
+        self._last_plot = time.monotonic()
         import matplotlib
 
         matplotlib.use("Agg")
@@ -73,7 +80,8 @@ class LossLog:
         if not records:
             return
         fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        keys = tuple(k for k in records[-1] if k.startswith("loss")) or keys
+        fig.subplots_adjust(left=0.1, right=0.97, bottom=0.12, top=0.95)
+        keys = tuple(k for k in records[-1] if k.startswith("loss"))
         positive = True
         for key in keys:
             pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))
@@ -88,7 +96,6 @@ class LossLog:
         ax.set_ylabel("loss")
         ax.grid(True, alpha=0.3)
         ax.legend(loc="upper right", fontsize=8)
-        fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png")
         plt.close(fig)

@@ -282,6 +282,7 @@ class Trainer:
                 self.save_checkpoint()
         bar.close()
         if dist.is_main:
+            self.log.plot(force=True)
             self.export()
         dist.barrier()
         return record

@@ -84,3 +84,8 @@ def build_objective(train_cfg) -> Objective:
     if kind not in OBJECTIVES:
         raise ValueError(f"objective.type={kind!r} is not one of {sorted(OBJECTIVES)}")
     return OBJECTIVES[kind](train_cfg)
+
+
+# The VQ objectives keep their config classes beside them (registered with config.register_objective_config);
+# importing them with this package registers those before any training config is read.
+from latentdiff.training.objectives import vq_diffusion, vqvae  # noqa: E402,F401  (registration)

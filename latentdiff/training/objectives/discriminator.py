@@ -15,7 +15,11 @@ from torch import nn
 
 
 class PatchDiscriminator(nn.Module):
-    """(B, C, H, W) images -> (B, 1, h, w) patch logits; ``layers`` stride-2 convolutions, then two stride-1."""
+    """(B, C, H, W) images -> (B, 1, h, w) patch logits; ``layers`` stride-2 convolutions, then two stride-1.
+
+    The discriminator only ever runs in training, so its batch norms always use batch statistics and keep no
+    running averages (which would otherwise drift apart between DDP ranks).
+    """
 
     def __init__(self, in_channels: int = 3, channels: int = 64, layers: int = 3):
         super().__init__()
@@ -25,7 +29,7 @@ class PatchDiscriminator(nn.Module):
             prev, mult = mult, min(2**n, 8)
             stride = 2 if n < layers else 1
             blocks += [nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2, True)]
+                       nn.BatchNorm2d(channels * mult, track_running_stats=False), nn.LeakyReLU(0.2, True)]
         blocks.append(nn.Conv2d(channels * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*blocks)
         self.layers = layers

@@ -1,0 +1,121 @@
+"""Read a diffusers VQ-Diffusion folder (e.g. ``microsoft/vq-diffusion-ithq``) into a config and state dicts.
+
+Layout (``model_index.json`` with ``"_class_name": "VQDiffusionPipeline"``)::
+
+    vqvae/                                          VQModel             -> parts["vqvae"]
+    transformer/                                    Transformer2DModel  -> parts["transformer"]
+    learned_classifier_free_sampling_embeddings/    null condition      -> parts["transformer"]["null_context"]
+    text_encoder/                                   CLIPTextModel       -> parts["text_encoder"]
+    scheduler/scheduler_config.json                 VQDiffusionScheduler -> DiscreteScheduleConfig
+    tokenizer/                                      not read: latentdiff's CLIP BPE tokenizer gives the same ids
+
+Key and config conversion live in :mod:`latentdiff.io.convert_vq`; the pipeline is built by
+:func:`latentdiff.pipelines_vq.load_vq_diffusion_folder`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from latentdiff.config import DiscreteScheduleConfig, VQDiffusionConfig, from_dict
+from latentdiff.io.checkpoint import CheckpointError, check_finite
+from latentdiff.io.convert_text import text_config_from_hf
+from latentdiff.io.convert_vq import (
+    transformer_config_from_diffusers,
+    transformer_state_dict_from_diffusers,
+    vq_model_config_from_diffusers,
+    vq_model_state_dict_from_diffusers,
+)
+from latentdiff.io.safetensors_stream import TensorSource
+from latentdiff.io.stable_diffusion import hf_text_weights, read_json
+
+PIPELINE_CLASS = "VQDiffusionPipeline"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
+                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
+NULL_EMBEDDINGS = "learned_classifier_free_sampling_embeddings"
+
+
+def is_vq_diffusion_folder(path: str | Path) -> bool:
+    """True for a folder whose ``model_index.json`` names diffusers' ``VQDiffusionPipeline``."""
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        return False
+    try:
+        return read_json(index).get("_class_name") == PIPELINE_CLASS
+    except CheckpointError:
+        return False
+
+
+def read_weights(folder: Path, component: str, required: bool = True) -> dict[str, torch.Tensor]:
+    """All tensors of ``folder/component`` from the first weight file found (safetensors before pickles)."""
+    for name in WEIGHT_FILES:
+        path = folder / component / name
+        if path.is_file():
+            source = TensorSource(path)
+            return {k: source.get(k) for k in source.keys()}
+    if required:
+        raise CheckpointError(f"{folder / component}: none of {list(WEIGHT_FILES)} found")
+    return {}
+
+
+def schedule_config_from_diffusers(sched: dict, num_codes: int) -> DiscreteScheduleConfig:
+    """``VQDiffusionScheduler`` config -> :class:`DiscreteScheduleConfig` (its defaults for missing keys)."""
+    classes = sched.get("num_vec_classes")
+    if classes is not None and int(classes) != num_codes + 1:
+        raise ValueError(f"scheduler num_vec_classes={classes} must be the VQ codebook size + 1 = {num_codes + 1}")
+    defaults = DiscreteScheduleConfig()
+    return from_dict(DiscreteScheduleConfig, {
+        "num_timesteps": int(sched.get("num_train_timesteps", defaults.num_timesteps)),
+        "alpha_cumprod_start": float(sched.get("alpha_cum_start", defaults.alpha_cumprod_start)),
+        "alpha_cumprod_end": float(sched.get("alpha_cum_end", defaults.alpha_cumprod_end)),
+        "gamma_cumprod_start": float(sched.get("gamma_cum_start", defaults.gamma_cumprod_start)),
+        "gamma_cumprod_end": float(sched.get("gamma_cum_end", defaults.gamma_cumprod_end)),
+    })
+
+
+def read_vq_diffusion_folder(folder: str | Path) -> tuple[VQDiffusionConfig, dict[str, dict[str, torch.Tensor]]]:
+    """``(config, {"vqvae", "transformer", "text_encoder": state dict})`` of a diffusers VQ-Diffusion folder.
+
+    The text states are L2-normalised per token (``normalize_context``), as diffusers' pipeline feeds them; the
+    sampling defaults are diffusers' (guidance scale 5, no truncation).
+    """
+    folder = Path(folder)
+    if not is_vq_diffusion_folder(folder):
+        raise CheckpointError(f"{folder} is not a diffusers VQ-Diffusion folder (model_index.json with "
+                              f"\"_class_name\": \"{PIPELINE_CLASS}\")")
+    null_path = folder / NULL_EMBEDDINGS / "config.json"
+    null_json = read_json(null_path) if null_path.is_file() else None
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    try:
+        vq_cfg = vq_model_config_from_diffusers(read_json(folder / "vqvae" / "config.json"))
+        text_cfg = text_config_from_hf(read_json(folder / "text_encoder" / "config.json"))
+        tf_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"), null_json,
+                                                   context_length=text_cfg.context_length)
+        schedule = schedule_config_from_diffusers(read_json(sched_path) if sched_path.is_file() else {},
+                                                  vq_cfg.num_codes)
+        cfg = VQDiffusionConfig(image_size=tf_cfg.latent_size * vq_cfg.downsample_factor, vqvae=vq_cfg,
+                                transformer=tf_cfg, text_encoder=text_cfg, schedule=schedule)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: unsupported configuration: {e}") from None
+    null_context = None
+    if tf_cfg.learned_null_context:
+        null = read_weights(folder, NULL_EMBEDDINGS)
+        if "embeddings" not in null:
+            raise CheckpointError(f"{folder / NULL_EMBEDDINGS}: no 'embeddings' tensor (keys: {sorted(null)})")
+        null_context = null["embeddings"]
+    try:
+        parts = {"vqvae": vq_model_state_dict_from_diffusers(read_weights(folder, "vqvae")),
+                 "transformer": transformer_state_dict_from_diffusers(read_weights(folder, "transformer"),
+                                                                      null_context),
+                 "text_encoder": hf_text_weights(read_weights(folder, "text_encoder"))}
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{folder}: the weights do not fit their config.json: {e}") from None
+    for name, sd in parts.items():
+        check_finite(sd, f"{folder} ({name})")
+    return cfg, parts

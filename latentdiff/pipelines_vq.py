@@ -1,0 +1,240 @@
+"""Text-to-image with VQ-Diffusion: text encoder -> discrete-diffusion transformer -> VQ decoder.
+
+    from latentdiff import load_pipeline
+    pipe = load_pipeline("runs/cifar10_vq_diffusion/model.safetensors")     # dispatched by the stored config type
+    images = pipe("a photo of a ship", steps=25, scale=5.0, truncation=0.86, seed=0)   # list of PIL images
+    pipe = load_vq_diffusion_folder("vq-diffusion-ithq")                    # a diffusers VQ-Diffusion folder
+
+The call interface is :class:`latentdiff.pipelines.LatentDiffusionPipeline`'s, with these differences:
+
+- ``steps`` network calls walk the T-step chain in jumps of T/steps (fast inference of Improved VQ-Diffusion,
+  Tang et al. 2022, Sec. 3.3; ``steps=T`` is the full chain, ``steps=T/s`` skips s steps per call);
+- ``scale`` is classifier-free guidance against the learned null condition (or the empty prompt when the model
+  has none); negative prompts are not supported (the null condition is not a prompt);
+- ``truncation`` keeps the codes covering that much probability at each position (default: the config's
+  ``truncation_rate``);
+- there is one sampler, the reverse chain; ``sampler`` may name it (``"vq"``) and otherwise is ignored, so that
+  callers written for latent diffusion run unchanged;
+- the image size is fixed by the transformer's positional embeddings (``config.image_size``);
+- one random stream (seeded with ``seed``) serves the whole batch, so the parameters of every image of a call
+  record the same seed and its position in the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from latentdiff.config import VQDiffusionConfig
+from latentdiff.diffusion.discrete import DiscreteSchedule
+from latentdiff.diffusion.discrete_sampling import learned_classifier_free_guidance, sample
+from latentdiff.diffusion.samplers import SAMPLERS
+from latentdiff.io.checkpoint import CheckpointError, load_into, save_model_file
+from latentdiff.models.text import build_text_encoder
+from latentdiff.models.transformer import VQDiffusionTransformer
+from latentdiff.models.vqvae import VQAutoencoder
+from latentdiff.pipelines import GenerationParams, register_pipeline, to_pil
+
+SAMPLER_NAME = "VQ-Diffusion"
+
+
+@dataclass
+class VQGenerationParams(GenerationParams):
+    """:class:`GenerationParams` plus the VQ-Diffusion settings, in the same ``parameters`` text format."""
+
+    truncation: float = 1.0
+    batch_size: int = 1
+    batch_pos: int = 0
+
+    def to_text(self) -> str:
+        text = f"{super().to_text()}, Truncation: {self.truncation:g}"
+        if self.batch_size > 1:
+            text += f", Batch size: {self.batch_size}, Batch pos: {self.batch_pos}"
+        return text
+
+
+class VQDiffusionPipeline:
+    """VQ autoencoder + text encoder + VQ-Diffusion transformer + mask-and-replace schedule."""
+
+    components = ("vqvae", "transformer", "text_encoder")
+
+    def __init__(self, config: VQDiffusionConfig, vqvae: VQAutoencoder, transformer: VQDiffusionTransformer,
+                 text_encoder: torch.nn.Module, name: str = ""):
+        self.config = config
+        self.vqvae = vqvae.eval()
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder.eval()
+        self.schedule = DiscreteSchedule.from_config(config.schedule, config.vqvae.num_codes, device=self.device)
+        self.name = name
+
+    # -- construction ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: VQDiffusionConfig, name: str = "") -> VQDiffusionPipeline:
+        """Random weights (for tests and as the start of training)."""
+        return cls(config, VQAutoencoder(config.vqvae), VQDiffusionTransformer(config.transformer),
+                   build_text_encoder(config.text_encoder), name=name)
+
+    @classmethod
+    def from_parts(cls, config: VQDiffusionConfig, parts: dict[str, dict], name: str = "") -> VQDiffusionPipeline:
+        """Build from state dicts. The VQ autoencoder and the transformer are built on the meta device and take
+        the loaded tensors by assignment (never held twice in RAM); the text encoder is built normally."""
+        missing = [c for c in cls.components if c not in parts]
+        if missing:
+            hint = (" (a VQ autoencoder alone, as a vqvae training run exports, is used through "
+                    "objective.vqvae_checkpoint)" if set(parts) == {"vqvae"} else "")
+            raise CheckpointError(f"model file has no {missing} weights{hint}")
+        with torch.device("meta"):
+            vqvae, transformer = VQAutoencoder(config.vqvae), VQDiffusionTransformer(config.transformer)
+        modules = {"vqvae": vqvae, "transformer": transformer,
+                   "text_encoder": build_text_encoder(config.text_encoder)}
+        for component, module in modules.items():
+            load_into(module, parts[component], component, assign=True)
+            meta = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
+            meta += [n for n, t in module.named_buffers() if t.is_meta]
+            if meta:
+                raise CheckpointError(f"{component}: tensors not provided by the file: {meta[:5]}")
+        return cls(config, **modules, name=name)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the project's single-file ``.safetensors`` (weights + config), read back by ``load_pipeline``."""
+        return save_model_file(path, self.config, self.modules(), overwrite=overwrite)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"vqvae": self.vqvae, "transformer": self.transformer, "text_encoder": self.text_encoder}
+
+    def to(self, device=None, dtype=None) -> VQDiffusionPipeline:
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        if device is not None:
+            self.schedule = self.schedule.to(self.device)
+        return self
+
+    @property
+    def autoencoder(self) -> VQAutoencoder:
+        """The VQ autoencoder, under the name the continuous pipeline uses."""
+        return self.vqvae
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @property
+    def default_scale(self) -> float:
+        return self.config.guidance_scale
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.vqvae.downsample_factor
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def check_size(self, height: int, width: int) -> None:
+        f, size = self.size_multiple, self.config.image_size
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % f:
+                raise ValueError(f"{name}={value} must be a positive multiple of {f} (VQ autoencoder downsampling "
+                                 f"of this model)")
+            if value != size:
+                raise ValueError(f"{name}={value}: this VQ-Diffusion model generates {size}x{size} images only "
+                                 f"(a fixed {size // f}x{size // f} code grid)")
+
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """Prompts -> the transformer's text context (N, L, D), L2-normalised per token when the config says so."""
+        context = self.text_encoder.encode(prompts)  # (N, L, D)
+        return F.normalize(context, dim=-1) if self.config.normalize_context else context
+
+    def null_context(self, batch_size: int) -> torch.Tensor:
+        """The unconditional context of guidance: the learned null condition (L, D), or the empty prompt's
+        encoding (N, L, D) for a transformer without one."""
+        if self.transformer.null_context is not None:
+            return self.transformer.null_context
+        return self.encode_prompts([""]).expand(batch_size, -1, -1)
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, scale: float | None = None, sampler: str | None = None,
+                 seed: int | None = None, height: int | None = None, width: int | None = None,
+                 num_images_per_prompt: int = 1, truncation: float | None = None, eta: float = 0.0,
+                 callback: Callable | None = None) -> tuple[torch.Tensor, list[VQGenerationParams]]:
+        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each.
+
+        ``steps``: network calls (default: T, the full chain). ``callback(i, steps, codes)`` after each call,
+        codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("no prompt given")
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+        if any(negatives):
+            raise ValueError("VQ-Diffusion does not support negative prompts: its guidance contrasts the prompt "
+                             "with the model's learned null condition")
+        T = self.schedule.num_timesteps
+        steps = T if steps is None else steps
+        scale = self.default_scale if scale is None else scale
+        truncation = self.config.truncation_rate if truncation is None else truncation
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
+        self.check_size(height, width)
+        if not 0 < steps <= T:
+            raise ValueError(f"steps={steps} must be between 1 and {T}")
+        if not 0 < truncation <= 1:
+            raise ValueError(f"truncation={truncation} must be in (0, 1]")
+        if sampler is not None and sampler != "vq" and sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; VQ-Diffusion has one sampler, 'vq'")
+        if eta:
+            raise ValueError(f"eta={eta} applies to DDIM only; VQ-Diffusion sampling has no eta")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        N, S = len(prompts), self.config.transformer.latent_size
+        context = self.encode_prompts(prompts).to(self.dtype)  # (N, L, D)
+        transformer = self.transformer
+
+        def model(x_t, t, context):
+            return transformer(x_t, t, context)  # (N, K, S*S) float32 log-probabilities
+
+        guided = learned_classifier_free_guidance(model, scale, self.null_context(N).to(self.dtype))
+        step_callback = None if callback is None else (lambda i, t, x: callback(i, steps, x))
+        codes = sample(guided, self.schedule, (N, S * S), steps=steps, truncation_rate=truncation,
+                       generator=torch.Generator(self.device).manual_seed(seed), callback=step_callback,
+                       model_kwargs={"context": context})  # (N, S*S)
+        images = self.vqvae.decode_codes(codes.view(N, S, S)).float()  # (N, 3, H, W)
+        params = [VQGenerationParams(p, "", steps, SAMPLER_NAME, scale, seed, width, height, model=self.name,
+                                     truncation=truncation, batch_size=N, batch_pos=i)
+                  for i, p in enumerate(prompts)]
+        return images, params
+
+    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
+        images, params = self.generate(prompt, **kwargs)
+        pil = to_pil(images)
+        for im, p in zip(pil, params):
+            im.info["parameters"] = p.to_text()
+        return pil
+
+
+def load_vq_diffusion_folder(path: str | Path, device=None, dtype=None) -> VQDiffusionPipeline:
+    """A :class:`VQDiffusionPipeline` from a diffusers VQ-Diffusion folder (see :mod:`latentdiff.io.vq_diffusion`)."""
+    from latentdiff.io.vq_diffusion import read_vq_diffusion_folder
+
+    path = Path(path)
+    cfg, parts = read_vq_diffusion_folder(path)
+    parts = {name: {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # one dtype (fp16 files)
+             for name, sd in parts.items()}
+    pipe = VQDiffusionPipeline.from_parts(cfg, parts, name=path.name)
+    if device is not None or dtype is not None:
+        pipe.to(device=device, dtype=dtype)
+    return pipe
+
+
+register_pipeline("vq_diffusion", VQDiffusionPipeline)

@@ -1,0 +1,161 @@
+"""VQ autoencoder training: reconstruction + vector-quantisation loss (VQ-VAE, van den Oord et al., 2017, Eq. 3),
+optionally with LPIPS and a patch-GAN (the VQGAN recipe of Esser et al., 2021, "Taming Transformers", Eq. 4-7).
+
+| symbol      | code          | meaning                                                              |
+|-------------|---------------|----------------------------------------------------------------------|
+| x, x̂        | x, recon      | images (B, 3, H, W) in [-1, 1] and their reconstructions             |
+| z_e, e      | (in vqvae)    | encoder output and its nearest codebook vector (straight-through)    |
+| β           | vqvae.beta    | commitment weight (0.25)                                             |
+| D           | discriminator | optional patch discriminator, one logit per patch                    |
+| λ           | d_weight      | adaptive adversarial weight (Taming, Eq. 7) × ``disc_weight``        |
+
+1. x̂ = Dec(e); the quantizer returns L_VQ = ‖sg[z_e] − e‖² + β ‖z_e − sg[e]‖² (codebook + commitment), or the
+   commitment term alone with an EMA codebook (``model.vqvae.ema``, VQ-VAE App. A.1), whose k-means update and
+   dead-code restarts (``model.vqvae.restart_dead_codes``) run inside the quantizer in training mode, all-reduced
+   under DDP (latentdiff/models/vqvae.py).
+2. L_rec = mean |x − x̂| (``l1``) or mean (x − x̂)² (``l2``) over pixels, + w_p · LPIPS(x, x̂) (taming's per-pixel
+   means, so L_rec and L_VQ share one scale).
+3. From ``disc_start`` on: L_G = −E[D(x̂)] and the discriminator's hinge loss L_D on (x, sg(x̂)).
+4. Loss = L_rec + ``vq_weight`` · L_VQ + λ · L_G + L_D; separate optimizers step the autoencoder and D.
+
+Logged besides the losses: codebook ``usage`` (share of the codes used by the batch) and ``perplexity``
+(exp of the entropy of the batch's code histogram; K for a uniformly used codebook of K codes).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from latentdiff.config import VQDiffusionConfig, register_objective_config
+from latentdiff.models.vqvae import VQAutoencoder
+from latentdiff.training.objectives import Objective, register_objective
+from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
+from latentdiff.training.objectives.perceptual import LPIPS
+
+
+@dataclass
+class VQVAEObjectiveConfig:
+    """VQ autoencoder loss; ``model`` is a ``vq_diffusion`` model config whose ``vqvae`` part is trained
+    (the rest only has to be valid). ``disc_weight`` 0 disables the discriminator, ``perceptual_weight`` 0 LPIPS."""
+
+    type: str = "vqvae"
+    reconstruction: str = "l1"  # l1 | l2
+    vq_weight: float = 1.0  # weight of the codebook + commitment loss (taming's codebook_weight)
+    perceptual_weight: float = 0.0  # LPIPS; needs local weights (see training/objectives/perceptual.py)
+    lpips_weights: str | None = None
+    vgg_weights: str | None = None
+    disc_weight: float = 0.0
+    disc_start: int = 0  # optimizer step at which the adversarial terms switch on
+    disc_layers: int = 3
+    disc_channels: int = 64
+    disc_lr: float | None = None  # null: optim.lr
+    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    adaptive_weight: bool = True  # Taming Eq. 7
+    sample_images: int = 8  # images in each reconstruction grid
+
+    def __post_init__(self):
+        if self.type != "vqvae":
+            raise ValueError(f"objective.type={self.type!r} must be 'vqvae'")
+        if self.reconstruction not in ("l1", "l2"):
+            raise ValueError(f"objective.reconstruction={self.reconstruction!r} is not one of ['l1', 'l2']")
+        for name in ("vq_weight", "perceptual_weight", "disc_weight", "disc_start"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"objective.{name}={getattr(self, name)!r} must be >= 0")
+        for name in ("disc_layers", "disc_channels", "sample_images"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"objective.{name}={getattr(self, name)!r} must be > 0")
+        if self.disc_lr is not None and self.disc_lr <= 0:
+            raise ValueError(f"objective.disc_lr={self.disc_lr!r} must be > 0")
+        if len(self.disc_betas) != 2:
+            raise ValueError(f"objective.disc_betas={self.disc_betas!r} must be two numbers")
+
+
+def check_vq_model(train_cfg, objective: str) -> VQDiffusionConfig:
+    """The run's model config, which must be a VQ-Diffusion one (a copy)."""
+    if not isinstance(train_cfg.model, VQDiffusionConfig):
+        raise ValueError(f"objective.type={objective!r} needs model.type='vq_diffusion', got "
+                         f"model.type={train_cfg.model.type!r}")
+    return copy.deepcopy(train_cfg.model)
+
+
+class VQVAEObjective(Objective):
+    def __init__(self, train_cfg):
+        super().__init__()
+        self.model_cfg = check_vq_model(train_cfg, "vqvae")
+        self.cfg = cfg = train_cfg.objective
+        if train_cfg.gradient_checkpointing:
+            raise ValueError("gradient_checkpointing is not supported by the vqvae objective; "
+                             "set gradient_checkpointing=false")
+        self.vqvae = VQAutoencoder(self.model_cfg.vqvae)
+        self.trainable = {"vqvae": self.vqvae}
+        self.ema_names = ("vqvae",)
+        if cfg.perceptual_weight > 0:
+            self.lpips = LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights)
+            self.frozen["lpips"] = self.lpips
+        if cfg.disc_weight > 0:
+            self.discriminator = PatchDiscriminator(self.model_cfg.vqvae.out_channels, cfg.disc_channels,
+                                                    cfg.disc_layers)
+            self.trainable["discriminator"] = self.discriminator
+            self.find_unused_parameters = cfg.disc_start > 0  # D is idle before disc_start
+            size = self.model_cfg.image_size
+            if size < self.discriminator.min_input_size():
+                raise ValueError(f"objective.disc_layers={cfg.disc_layers} needs images of at least "
+                                 f"{self.discriminator.min_input_size()} px, model image_size is {size}")
+
+    def optimizer_params(self):
+        groups = {"main": ([p for p in self.vqvae.parameters() if p.requires_grad], {})}  # an EMA codebook is not
+        if self.cfg.disc_weight > 0:
+            overrides = {"betas": tuple(self.cfg.disc_betas)}
+            if self.cfg.disc_lr is not None:
+                overrides["lr"] = self.cfg.disc_lr
+            groups["discriminator"] = (list(self.discriminator.parameters()), overrides)
+        return groups
+
+    def forward(self, batch: dict, step: int):
+        cfg = self.cfg
+        x = batch["image"]  # (B, 3, H, W)
+        recon, vq_loss, stats = self.vqvae(x)  # step 1
+        recon, vq_loss = recon.float(), vq_loss.float()
+        err = (x - recon).abs() if cfg.reconstruction == "l1" else (x - recon).pow(2)  # (B, 3, H, W), step 2
+        rec_loss = err.mean()
+        logs = {"l_rec": rec_loss.detach(), "vq_loss": vq_loss.detach(), "usage": stats["usage"],
+                "perplexity": stats["perplexity"]}
+        if cfg.perceptual_weight > 0:
+            p = self.lpips(x, recon).mean()
+            rec_loss = rec_loss + cfg.perceptual_weight * p
+            logs["lpips"] = p.detach()
+        loss = rec_loss + cfg.vq_weight * vq_loss
+        if cfg.disc_weight > 0 and step >= cfg.disc_start:  # step 3
+            self.discriminator.requires_grad_(False)
+            g_loss = -self.discriminator(recon).float().mean()
+            self.discriminator.requires_grad_(True)
+            if cfg.adaptive_weight and self.training and torch.is_grad_enabled():
+                d_weight = adaptive_weight(rec_loss, g_loss, self.vqvae.decoder.conv_out.weight) * cfg.disc_weight
+            else:
+                d_weight = torch.tensor(cfg.disc_weight, device=x.device)
+            d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
+            loss = loss + d_weight * g_loss + d_loss  # step 4
+            logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
+        return loss, logs
+
+    @torch.no_grad()
+    def sample_images(self, batch: dict):
+        """Originals (top row) over their reconstructions through the codes (bottom row)."""
+        x = batch["image"][: self.cfg.sample_images]
+        was_training = self.vqvae.training
+        self.vqvae.eval()  # no EMA-codebook update or dead-code restart while drawing
+        try:
+            recon = self.vqvae.decode_codes(self.vqvae.encode_to_codes(x)).float()
+        finally:
+            self.vqvae.train(was_training)
+        return torch.cat([x, recon.clamp(-1, 1)]), x.shape[0]
+
+    def export(self):
+        return self.model_cfg, {"vqvae": self.vqvae}
+
+
+register_objective_config("vqvae", VQVAEObjectiveConfig)
+register_objective("vqvae", VQVAEObjective)

@@ -21,7 +21,14 @@ from PIL import Image
 from latentdiff.config import LatentDiffusionConfig
 from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
 from latentdiff.diffusion.schedule import DiffusionSchedule
-from latentdiff.io.checkpoint import CheckpointError, is_model_file, load_into, load_model_file, save_model_file
+from latentdiff.io.checkpoint import (
+    CheckpointError,
+    empty_parameters,
+    is_model_file,
+    load_into,
+    load_model_file,
+    save_model_file,
+)
 from latentdiff.models.autoencoder_kl import AutoencoderKL
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.unet import UNetModel
@@ -103,20 +110,18 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_parts(cls, config: LatentDiffusionConfig, parts: dict[str, dict], name: str = "",
                    ) -> LatentDiffusionPipeline:
-        """Build from state dicts. The U-Net and autoencoder are built on the meta device and take the loaded
-        tensors by assignment, so the weights are never held twice in RAM; the text encoder (which may hold
-        non-persistent buffers of a third-party model) is built normally."""
-        with torch.device("meta"):
-            unet, autoencoder = UNetModel(config.unet), AutoencoderKL(config.autoencoder)
-        modules = {"unet": unet, "autoencoder": autoencoder, "text_encoder": build_text_encoder(config.text_encoder)}
+        """Build from state dicts: modules are built with empty (meta) parameters and take the loaded tensors by
+        assignment, so the weights are held once, in the file's dtype, and nothing is randomly initialised."""
+        with empty_parameters():
+            modules = {"unet": UNetModel(config.unet), "autoencoder": AutoencoderKL(config.autoencoder),
+                       "text_encoder": build_text_encoder(config.text_encoder)}
         for component, module in modules.items():
             if component not in parts:
                 raise CheckpointError(f"model file has no '{component}' weights")
             load_into(module, parts[component], component, assign=True)
-            meta = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
-            meta += [n for n, t in module.named_buffers() if t.is_meta]
-            if meta:
-                raise CheckpointError(f"{component}: tensors not provided by the file: {meta[:5]}")
+            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+            if left:
+                raise CheckpointError(f"{component}: tensors not provided by the file: {left[:5]}")
         return cls(config, **modules, name=name)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

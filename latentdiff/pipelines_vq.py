@@ -34,7 +34,7 @@ from latentdiff.config import VQDiffusionConfig
 from latentdiff.diffusion.discrete import DiscreteSchedule
 from latentdiff.diffusion.discrete_sampling import learned_classifier_free_guidance, sample
 from latentdiff.diffusion.samplers import SAMPLERS
-from latentdiff.io.checkpoint import CheckpointError, load_into, save_model_file
+from latentdiff.io.checkpoint import CheckpointError, empty_parameters, load_into, save_model_file
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
@@ -81,23 +81,21 @@ class VQDiffusionPipeline:
 
     @classmethod
     def from_parts(cls, config: VQDiffusionConfig, parts: dict[str, dict], name: str = "") -> VQDiffusionPipeline:
-        """Build from state dicts. The VQ autoencoder and the transformer are built on the meta device and take
-        the loaded tensors by assignment (never held twice in RAM); the text encoder is built normally."""
+        """Build from state dicts: modules are built with empty (meta) parameters and take the loaded tensors by
+        assignment, so the weights are held once, in the file's dtype, and nothing is randomly initialised."""
         missing = [c for c in cls.components if c not in parts]
         if missing:
             hint = (" (a VQ autoencoder alone, as a vqvae training run exports, is used through "
                     "objective.vqvae_checkpoint)" if set(parts) == {"vqvae"} else "")
             raise CheckpointError(f"model file has no {missing} weights{hint}")
-        with torch.device("meta"):
-            vqvae, transformer = VQAutoencoder(config.vqvae), VQDiffusionTransformer(config.transformer)
-        modules = {"vqvae": vqvae, "transformer": transformer,
-                   "text_encoder": build_text_encoder(config.text_encoder)}
+        with empty_parameters():
+            modules = {"vqvae": VQAutoencoder(config.vqvae), "transformer": VQDiffusionTransformer(config.transformer),
+                       "text_encoder": build_text_encoder(config.text_encoder)}
         for component, module in modules.items():
             load_into(module, parts[component], component, assign=True)
-            meta = [n for n, t in module.state_dict(keep_vars=True).items() if t.is_meta]
-            meta += [n for n, t in module.named_buffers() if t.is_meta]
-            if meta:
-                raise CheckpointError(f"{component}: tensors not provided by the file: {meta[:5]}")
+            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+            if left:
+                raise CheckpointError(f"{component}: tensors not provided by the file: {left[:5]}")
         return cls(config, **modules, name=name)
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

@@ -106,11 +106,12 @@ def write_checkpoint(path: Path, dtype_name: str, ema: bool) -> None:
 
 def child(path: str) -> None:
     """Runs in a fresh process: import everything, then time load_pipeline and report memory as JSON."""
+    import open_clip.tokenizer  # noqa: F401
     import torch  # noqa: F401
+    import transformers.models.clip.modeling_clip  # noqa: F401
 
     import latentdiff
     from latentdiff.io import stable_diffusion  # noqa: F401
-    from latentdiff.models import text_clip  # noqa: F401
 
     baseline = current_rss_bytes()
     t0 = time.perf_counter()
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     gib = 1024**3
     print(f"file:          {size / gib:.2f} GiB ({args.format}, {args.dtype}{', with EMA' if args.ema else ''}, "
           f"{best['params'] / 1e6:.0f}M parameters loaded)")
-    print(f"baseline RSS:  {best['baseline_rss'] / gib:.2f} GiB (python + torch + latentdiff imports)")
+    print(f"baseline RSS:  {best['baseline_rss'] / gib:.2f} GiB (python, torch, transformers, open_clip, latentdiff)")
     print(f"peak RSS:      {peak / gib:.2f} GiB = {peak / size:.2f} x file "
           f"(load itself adds {(peak - best['baseline_rss']) / gib:.2f} GiB = {result['added_peak_over_file']:.2f} x)")
     print(f"load time:     {best['load_s']:.2f} s (best of {args.repeats})")

@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="folder, .tar archive, folder of shards or brace pattern of image-caption pairs")
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name")
     p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="open_clip pretrained tag (from the local cache)")
-    p.add_argument("--weights", type=Path, default=None, help="local weights (.safetensors/.bin); overrides --pretrained")
+    p.add_argument("--weights", type=Path, default=None, help="local weights file (.safetensors/.bin)")
     p.add_argument("--allow-download", action="store_true", help="download --pretrained weights if not cached")
-    p.add_argument("--num-samples", type=int, default=None, help="pairs to score (default: all)")
+    p.add_argument("--num-samples", type=int, default=None, help="pairs to score; None: all")
     p.add_argument(
         "--subset",
         choices=("random", "first"),
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random subset")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per batch")
     p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
-    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from latentdiff.metrics.clip_score import ClipWeightsError, load_clip, score_source
-    from latentdiff.metrics.images import SourceError, open_image_source
+    from latentdiff.metrics.images import SourceError, error_message, open_image_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             progress=not args.no_progress,
         )
     except (SourceError, ClipWeightsError, ValueError) as err:
-        print(f"clip_score: error: {err}", file=sys.stderr)
+        print(f"clip_score: error: {error_message(err)}", file=sys.stderr)
         return 2
     if failures:
         print(f"warning: {len(failures)} samples skipped (unreadable or without caption)", file=sys.stderr)

@@ -33,7 +33,7 @@ from latentdiff.metrics.fid import (  # noqa: E402
     source_statistics,
 )
 from latentdiff.metrics.fid_helper import FidHelperError, convert_fid_helper  # noqa: E402
-from latentdiff.metrics.images import RESIZE_METHOD, SourceError  # noqa: E402
+from latentdiff.metrics.images import RESIZE_METHOD, SourceError, error_message  # noqa: E402
 from latentdiff.metrics.inception import FEATURE_EXTRACTOR, InceptionWeightsError, load_inception  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-stats", action="store_true", help="write the statistics of SOURCE to OUT.npz")
     p.add_argument("--overwrite", action="store_true", help="allow --save-stats/--convert-fid-helper to replace OUT")
-    p.add_argument("--num-samples", type=int, default=None, help="images per source (default: all)")
+    p.add_argument("--num-samples", type=int, default=None, help="images per source; None: all")
     p.add_argument(
         "--subset",
         choices=("random", "first"),
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args)
     except (SourceError, StatisticsError, InceptionWeightsError, FidHelperError, FileExistsError, ValueError) as err:
-        print(f"fid: error: {err}", file=sys.stderr)
+        print(f"fid: error: {error_message(err)}", file=sys.stderr)
         return 2
     return 0
 

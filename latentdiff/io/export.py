@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -208,7 +209,7 @@ def diffusers_files(cfg: LatentDiffusionConfig, parts: Parts) -> dict[str, dict 
 @contextlib.contextmanager
 def atomic_folder(target: str | Path, overwrite: bool = False):
     """Yield a fresh folder beside ``target``; on clean exit it replaces ``target`` by rename (a previous
-    ``target`` is moved aside first and deleted last), on error it is deleted."""
+    ``target`` is moved aside first, put back if the rename fails, and deleted last); on error it is deleted."""
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
@@ -216,16 +217,29 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
     try:
         yield tmp
-        old = None
+        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}.", dir=target.parent)) / target.name
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}.", dir=target.parent))
-            target.rename(old / target.name)
-        tmp.rename(target)
-        if old is not None:
-            shutil.rmtree(old)
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if old.exists():
+                old.rename(target)
+            raise
+        shutil.rmtree(old.parent)
+        _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save_diffusers_folder(folder: str | Path, cfg: LatentDiffusionConfig, parts: Parts,

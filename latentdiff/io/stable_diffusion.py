@@ -271,6 +271,11 @@ def load_diffusers_folder(folder: str | Path, prediction_type: str | None = None
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise CheckpointError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
+    index = read_json(folder / "model_index.json")
+    kind = index.get("_class_name", "?")
+    if "text_encoder_2" in index or not all(k in index for k in ("unet", "vae", "text_encoder")):
+        raise CheckpointError(f"{folder} holds a diffusers {kind}, not a Stable Diffusion 1.x/2.x pipeline "
+                              f"(unet, vae and one text_encoder)")
     unet_json = read_json(folder / "unet" / "config.json")
     vae_json = read_json(folder / "vae" / "config.json")
     text_json = read_json(folder / "text_encoder" / "config.json")
@@ -350,9 +355,8 @@ def load_stable_diffusion(path: str | Path, prediction_type: str | None = None, 
                           overrides: list[str] = (), dtype: torch.dtype | None = None):
     """A :class:`~latentdiff.pipelines.LatentDiffusionPipeline` from a single file or a diffusers folder, in the
     weights' dtype unless ``dtype`` is given."""
-    from latentdiff.pipelines import LatentDiffusionPipeline
-
     path = Path(path)
     cfg, parts = read_stable_diffusion(path, prediction_type, use_ema, overrides)
-    return LatentDiffusionPipeline.from_parts(cfg, unify_dtype(parts, dtype), name=path.stem)
+    from latentdiff.pipelines import LatentDiffusionPipeline
 
+    return LatentDiffusionPipeline.from_parts(cfg, unify_dtype(parts, dtype), name=path.stem)

@@ -75,47 +75,56 @@ def schedule_config_from_diffusers(sched: dict, num_codes: int) -> DiscreteSched
     })
 
 
-def read_vq_diffusion_folder(folder: str | Path) -> tuple[VQDiffusionConfig, dict[str, dict[str, torch.Tensor]]]:
-    """``(config, {"vqvae", "transformer", "text_encoder": state dict})`` of a diffusers VQ-Diffusion folder.
+def vq_diffusion_from_diffusers(configs: dict[str, dict], weights: dict[str, dict[str, torch.Tensor]],
+                                source: str = "diffusers model") -> tuple[VQDiffusionConfig, dict[str, dict]]:
+    """``(config, {"vqvae", "transformer", "text_encoder": state dict})`` from the diffusers components' configs
+    and state dicts, keyed by their folder names (``scheduler`` and the null embeddings' config may be missing).
 
     The text states are L2-normalised per token (``normalize_context``), as diffusers' pipeline feeds them; the
     sampling defaults are diffusers' (guidance scale 5, no truncation).
     """
-    folder = Path(folder)
-    if not is_vq_diffusion_folder(folder):
-        raise CheckpointError(f"{folder} is not a diffusers VQ-Diffusion folder (model_index.json with "
-                              f"\"_class_name\": \"{PIPELINE_CLASS}\")")
-    null_path = folder / NULL_EMBEDDINGS / "config.json"
-    null_json = read_json(null_path) if null_path.is_file() else None
-    sched_path = folder / "scheduler" / "scheduler_config.json"
     try:
-        vq_cfg = vq_model_config_from_diffusers(read_json(folder / "vqvae" / "config.json"))
-        text_cfg = text_config_from_hf(read_json(folder / "text_encoder" / "config.json"))
-        tf_cfg = transformer_config_from_diffusers(read_json(folder / "transformer" / "config.json"), null_json,
+        vq_cfg = vq_model_config_from_diffusers(configs["vqvae"])
+        text_cfg = text_config_from_hf(configs["text_encoder"])
+        tf_cfg = transformer_config_from_diffusers(configs["transformer"], configs.get(NULL_EMBEDDINGS),
                                                    context_length=text_cfg.context_length)
-        schedule = schedule_config_from_diffusers(read_json(sched_path) if sched_path.is_file() else {},
-                                                  vq_cfg.num_codes)
+        schedule = schedule_config_from_diffusers(configs.get("scheduler", {}), vq_cfg.num_codes)
         cfg = VQDiffusionConfig(image_size=tf_cfg.latent_size * vq_cfg.downsample_factor, vqvae=vq_cfg,
                                 transformer=tf_cfg, text_encoder=text_cfg, schedule=schedule)
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{folder}: unsupported configuration: {e}") from None
+        raise CheckpointError(f"{source}: unsupported configuration: {e}") from None
     null_context = None
     if tf_cfg.learned_null_context:
-        null = read_weights(folder, NULL_EMBEDDINGS)
+        null = weights.get(NULL_EMBEDDINGS, {})
         if "embeddings" not in null:
-            raise CheckpointError(f"{folder / NULL_EMBEDDINGS}: no 'embeddings' tensor (keys: {sorted(null)})")
+            raise CheckpointError(f"{source}: {NULL_EMBEDDINGS} has no 'embeddings' tensor (keys: {sorted(null)})")
         null_context = null["embeddings"]
     try:
-        parts = {"vqvae": vq_model_state_dict_from_diffusers(read_weights(folder, "vqvae")),
-                 "transformer": transformer_state_dict_from_diffusers(read_weights(folder, "transformer"),
-                                                                      null_context),
-                 "text_encoder": hf_text_weights(read_weights(folder, "text_encoder"))}
+        parts = {"vqvae": vq_model_state_dict_from_diffusers(weights["vqvae"]),
+                 "transformer": transformer_state_dict_from_diffusers(weights["transformer"], null_context),
+                 "text_encoder": hf_text_weights(weights["text_encoder"])}
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
-        raise CheckpointError(f"{folder}: the weights do not fit their config.json: {e}") from None
+        raise CheckpointError(f"{source}: the weights do not fit their config.json: {e}") from None
     for name, sd in parts.items():
-        check_finite(sd, f"{folder} ({name})")
+        check_finite(sd, f"{source} ({name})")
     return cfg, parts
+
+
+def read_vq_diffusion_folder(folder: str | Path) -> tuple[VQDiffusionConfig, dict[str, dict[str, torch.Tensor]]]:
+    """:func:`vq_diffusion_from_diffusers` on the files of a diffusers VQ-Diffusion folder."""
+    folder = Path(folder)
+    if not is_vq_diffusion_folder(folder):
+        raise CheckpointError(f"{folder} is not a diffusers VQ-Diffusion folder (model_index.json with "
+                              f"\"_class_name\": \"{PIPELINE_CLASS}\")")
+    configs = {name: read_json(folder / name / "config.json") for name in ("vqvae", "transformer", "text_encoder")}
+    for name, path in ((NULL_EMBEDDINGS, folder / NULL_EMBEDDINGS / "config.json"),
+                       ("scheduler", folder / "scheduler" / "scheduler_config.json")):
+        if path.is_file():
+            configs[name] = read_json(path)
+    weights = {name: read_weights(folder, name) for name in ("vqvae", "transformer", "text_encoder")}
+    weights[NULL_EMBEDDINGS] = read_weights(folder, NULL_EMBEDDINGS, required=False)
+    return vq_diffusion_from_diffusers(configs, weights, str(folder))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,12 +71,14 @@ class FeatureStatistics:
     @classmethod
     def load(cls, path: str | Path) -> FeatureStatistics:
         """Read our .npz files or pytorch-fid's (``mu``/``sigma`` only: count -1, empty meta)."""
+        if not Path(path).is_file():
+            raise StatisticsError(f"{path}: no such statistics file")
         try:
             with np.load(path, allow_pickle=False) as data:
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 count = int(data["count"]) if "count" in data else -1
                 meta = json.loads(str(data["meta"])) if "meta" in data else {}
-        except (OSError, ValueError, KeyError) as err:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
             raise StatisticsError(f"{path}: not a statistics file with mu and sigma ({err})") from err
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise StatisticsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
@@ -155,7 +158,8 @@ def compute_statistics(
             if images is not None:
                 with torch.no_grad():
                     batch = features.model(images.to(device)).double().cpu().numpy()  # (B, D)
-                moments = moments or RunningMoments(batch.shape[1])
+                if moments is None:
+                    moments = RunningMoments(batch.shape[1])
                 moments.update(batch)
             bar.update(len(failed) + (0 if images is None else len(images)))
     used = 0 if moments is None else moments.count

@@ -50,7 +50,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     In steps 2 and 3 eigenvalues below D · ε · λ_max are round-off and set to 0: with fewer samples than
     dimensions the covariances are singular, and the square roots of their noise eigenvalues (~1e-8 each, D of
     them) would otherwise add up to errors of ~1e-4.
-    4. d² = ||μ1 − μ2||² + tr Σ1 + tr Σ2 − 2 tr((Σ1 Σ2)^½).
+    4. d² = ||μ1 − μ2||² + tr Σ1 + tr Σ2 − 2 tr((Σ1 Σ2)^½), clamped at 0.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -69,7 +69,8 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     trace_sqrt = np.sqrt(_clip_round_off(np.linalg.eigvalsh(m))).sum()
     # 4.
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt)
+    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+    return float(max(distance, 0.0))  # d² >= 0: identical statistics may round to -1e-13
 
 
 class RunningMoments:

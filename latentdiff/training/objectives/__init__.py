@@ -7,6 +7,8 @@ config ``type`` to the class; the VQ path registers its own objectives with :fun
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch import nn
 
@@ -77,13 +79,29 @@ def freeze(module: nn.Module) -> nn.Module:
 
 
 def build_objective(train_cfg) -> Objective:
-    """The objective named by ``train_cfg.objective.type``, with its networks built on the CPU."""
-    from latentdiff.training.objectives import autoencoder_kl, latent_diffusion  # noqa: F401  (registration)
+    """The objective named by ``train_cfg.objective.type``, with its networks built on the CPU.
 
+    The objective of type ``name`` lives in ``latentdiff/training/objectives/<name>.py``, which registers it
+    when imported (the type was already checked against the config registry, ``OBJECTIVE_CONFIGS``).
+    """
     kind = train_cfg.objective.type
     if kind not in OBJECTIVES:
-        raise ValueError(f"objective.type={kind!r} is not one of {sorted(OBJECTIVES)}")
+        module = f"{__name__}.{kind}"
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+    if kind not in OBJECTIVES:
+        raise ValueError(f"objective.type={kind!r} has no objective; known: {sorted(OBJECTIVES)}")
     return OBJECTIVES[kind](train_cfg)
+
+
+def check_model_config(train_cfg, cls: type) -> None:
+    """Objectives train parts of one model kind: refuse a ``model`` config of another kind."""
+    if not isinstance(train_cfg.model, cls):
+        raise ValueError(f"objective.type={train_cfg.objective.type!r} trains a {cls.__name__} model, but "
+                         f"model.type is {train_cfg.model.type!r}")
 
 
 # The VQ objectives keep their config classes beside them (registered with config.register_objective_config);

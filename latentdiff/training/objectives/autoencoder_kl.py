@@ -23,8 +23,9 @@ import copy
 
 import torch
 
+from latentdiff.config import LatentDiffusionConfig
 from latentdiff.models.autoencoder_kl import AutoencoderKL
-from latentdiff.training.objectives import Objective, register_objective
+from latentdiff.training.objectives import Objective, check_model_config, register_objective
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from latentdiff.training.objectives.perceptual import LPIPS
 
@@ -32,6 +33,7 @@ from latentdiff.training.objectives.perceptual import LPIPS
 class AutoencoderKLObjective(Objective):
     def __init__(self, train_cfg):
         super().__init__()
+        check_model_config(train_cfg, LatentDiffusionConfig)
         self.model_cfg = copy.deepcopy(train_cfg.model)
         self.cfg = cfg = train_cfg.objective
         if train_cfg.gradient_checkpointing:
@@ -64,6 +66,8 @@ class AutoencoderKLObjective(Objective):
 
     def forward(self, batch: dict, step: int):
         cfg = self.cfg
+        if "image" not in batch:
+            raise ValueError("the autoencoder_kl objective trains on image shards; data.shards holds latents")
         x = batch["image"]  # (B, 3, H, W)
         recon, posterior = self.autoencoder(x)  # (B, 3, H, W)
         recon = recon.float()

@@ -19,6 +19,10 @@ a frozen KL autoencoder, conditioned on text through cross-attention.
 The latent scale s: with ``scale_latents_by_std`` a fresh run sets s = 1 / std(z − shift) over its first batch
 (all ranks), as CompVis ``scale_by_std`` does, so the diffusion model sees roughly unit-variance latents; s is
 checkpointed and exported in the model config.
+
+Latent shards (:func:`latentdiff.data.latents.cache_latents` with ``encode_fn=vae.encode`` of the same
+``autoencoder_checkpoint``) skip step 1: their latents were scaled by the checkpoint's s₀ and are rescaled by
+s / s₀ (they hold the posterior mode, so no posterior noise is drawn).
 """
 
 from __future__ import annotations
@@ -29,19 +33,24 @@ import sys
 
 import torch
 
+from latentdiff.config import LatentDiffusionConfig
 from latentdiff.diffusion.gaussian import sample_timesteps, training_losses
+from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
 from latentdiff.models.autoencoder_kl import AutoencoderKL
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.unet import UNetModel
-from latentdiff.training.objectives import Objective, freeze, register_objective
+from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
 
 
 class LatentDiffusionObjective(Objective):
     def __init__(self, train_cfg):
         super().__init__()
+        check_model_config(train_cfg, LatentDiffusionConfig)
         self.cfg = cfg = train_cfg.objective
+        if cfg.sample_sampler not in SAMPLERS:
+            raise ValueError(f"objective.sample_sampler={cfg.sample_sampler!r} is not one of {sorted(SAMPLERS)}")
         model_cfg = copy.deepcopy(train_cfg.model)
         ae_state = None
         if cfg.autoencoder_checkpoint:
@@ -54,6 +63,7 @@ class LatentDiffusionObjective(Objective):
             print("warning: objective.autoencoder_checkpoint is not set: the frozen autoencoder has random "
                   "weights (only useful for tests)", file=sys.stderr)
         self.model_cfg = model_cfg
+        self.cached_scale = model_cfg.autoencoder.scaling_factor  # s₀ of latent shards
         unet_cfg = dataclasses.replace(model_cfg.unet, gradient_checkpointing=train_cfg.gradient_checkpointing)
         self.unet = UNetModel(unet_cfg)
         self.text_encoder = build_text_encoder(model_cfg.text_encoder)
@@ -67,6 +77,8 @@ class LatentDiffusionObjective(Objective):
         else:
             self.frozen["text_encoder"] = freeze(self.text_encoder)
         self.ema_names = tuple(self.trainable)
+        # a trainable encoder whose last block is skipped leaves parameters without gradient
+        self.find_unused_parameters = cfg.train_text_encoder and model_cfg.text_encoder.layer == "penultimate"
         self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
 
     def _schedule_on(self, device: torch.device) -> DiffusionSchedule:
@@ -80,21 +92,29 @@ class LatentDiffusionObjective(Objective):
         if not self.cfg.scale_latents_by_std:
             return
         ae_cfg = self.autoencoder.cfg
-        z = self.autoencoder.encode_posterior(batch["image"]).mode().float() - ae_cfg.shift_factor
+        if "latent" in batch:
+            z = batch["latent"].float() / self.cached_scale  # z − shift
+        else:
+            z = self.autoencoder.encode_posterior(batch["image"]).mode().float() - ae_cfg.shift_factor
         stats = torch.stack([z.sum(), z.pow(2).sum(), torch.tensor(float(z.numel()), device=z.device)])
         total, total_sq, n = dist.all_reduce_sum(stats.double()).tolist()
         std = (total_sq / n - (total / n) ** 2) ** 0.5
         ae_cfg.scaling_factor = 1.0 / std
 
-    def forward(self, batch: dict, step: int):
-        x = batch["image"]  # (B, 3, H, W)
-        B = x.shape[0]
+    def latents(self, batch: dict) -> torch.Tensor:
+        """Step 1: scaled latents z0 (B, C, h, w) of an image batch, or rescaled cached latents."""
+        if "latent" in batch:
+            return batch["latent"].float() * (self.autoencoder.cfg.scaling_factor / self.cached_scale)
         with torch.no_grad():
-            z0 = self.autoencoder.encode(x, sample=True).float()  # (B, C, h, w), step 1
+            return self.autoencoder.encode(batch["image"], sample=True).float()
+
+    def forward(self, batch: dict, step: int):
+        z0 = self.latents(batch)  # (B, C, h, w)
+        B = z0.shape[0]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_text_encoder):
             context = self.text_encoder.encode(list(batch["caption"]))  # (B, L, D), step 2
-        schedule = self._schedule_on(x.device)
-        t = sample_timesteps(B, schedule.num_timesteps, device=x.device)  # step 3
+        schedule = self._schedule_on(z0.device)
+        t = sample_timesteps(B, schedule.num_timesteps, device=z0.device)  # step 3
         out = training_losses(schedule, self.unet, z0, t, model_kwargs={"context": context},
                               min_snr_gamma=self.cfg.min_snr_gamma)
         return out["loss"].mean(), {"mse": out["mse"].mean().detach()}

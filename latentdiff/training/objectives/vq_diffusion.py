@@ -21,6 +21,7 @@ of a frozen VQ autoencoder, conditioned on text through cross-attention.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass, field
@@ -29,14 +30,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from latentdiff.config import register_objective_config
+from latentdiff.config import VQDiffusionConfig, register_objective_config
 from latentdiff.diffusion.discrete import DiscreteSchedule, ImportanceTimestepSampler, vq_diffusion_loss
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.training.objectives import Objective, freeze, register_objective
-from latentdiff.training.objectives.vqvae import check_vq_model
+from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
 
 
 @dataclass
@@ -107,7 +107,8 @@ class VQDiffusionObjective(Objective):
     def __init__(self, train_cfg):
         super().__init__()
         self.cfg = cfg = train_cfg.objective
-        model_cfg = check_vq_model(train_cfg, "vq_diffusion")
+        check_model_config(train_cfg, VQDiffusionConfig)
+        model_cfg = copy.deepcopy(train_cfg.model)
         vq_state = None
         if cfg.vqvae_checkpoint:
             vq_cfg, vq_state = _read_vqvae(cfg.vqvae_checkpoint)
@@ -136,6 +137,8 @@ class VQDiffusionObjective(Objective):
         else:
             self.frozen["text_encoder"] = freeze(self.text_encoder)
         self.ema_names = tuple(self.trainable)
+        # a trainable encoder whose last block is skipped leaves parameters without gradient
+        self.find_unused_parameters = cfg.train_text_encoder and model_cfg.text_encoder.layer == "penultimate"
         self.schedule = DiscreteSchedule.from_config(model_cfg.schedule, model_cfg.vqvae.num_codes)
         self.timestep_sampler = SyncedTimestepSampler(model_cfg.schedule.num_timesteps)
 
@@ -153,6 +156,7 @@ class VQDiffusionObjective(Objective):
         if null is None:
             return context
         dropped = torch.tensor([c == "" for c in captions], device=context.device)  # (B,)
+        # where() keeps ∅ in the graph when no caption is dropped: DDP then sees its (zero) gradient
         return torch.where(dropped[:, None, None], null.to(context.dtype)[None], context)
 
     def forward(self, batch: dict, step: int):

@@ -31,7 +31,7 @@ import torch
 
 from latentdiff.config import VQDiffusionConfig, register_objective_config
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.training.objectives import Objective, register_objective
+from latentdiff.training.objectives import Objective, check_model_config, register_objective
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from latentdiff.training.objectives.perceptual import LPIPS
 
@@ -73,18 +73,11 @@ class VQVAEObjectiveConfig:
             raise ValueError(f"objective.disc_betas={self.disc_betas!r} must be two numbers")
 
 
-def check_vq_model(train_cfg, objective: str) -> VQDiffusionConfig:
-    """The run's model config, which must be a VQ-Diffusion one (a copy)."""
-    if not isinstance(train_cfg.model, VQDiffusionConfig):
-        raise ValueError(f"objective.type={objective!r} needs model.type='vq_diffusion', got "
-                         f"model.type={train_cfg.model.type!r}")
-    return copy.deepcopy(train_cfg.model)
-
-
 class VQVAEObjective(Objective):
     def __init__(self, train_cfg):
         super().__init__()
-        self.model_cfg = check_vq_model(train_cfg, "vqvae")
+        check_model_config(train_cfg, VQDiffusionConfig)
+        self.model_cfg = copy.deepcopy(train_cfg.model)
         self.cfg = cfg = train_cfg.objective
         if train_cfg.gradient_checkpointing:
             raise ValueError("gradient_checkpointing is not supported by the vqvae objective; "

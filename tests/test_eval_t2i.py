@@ -1,0 +1,152 @@
+"""The text-to-image benchmark (tools/eval_t2i.py, tools/sampler_sweep.py) end to end on a tiny random checkpoint,
+a tiny Inception stand-in and a tiny random classifier. Nothing is downloaded."""
+
+import importlib.util
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latentdiff.metrics import clip_score, t2i
+from latentdiff.metrics.classifier import CifarClassifier, save_classifier
+from latentdiff.metrics.fid import Features
+from latentdiff.pipelines import LatentDiffusionPipeline, parse_parameters
+from tests.tiny import tiny_ldm_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+sys.path.insert(0, str(ROOT / "tools"))  # sampler_sweep imports eval_t2i's flags
+eval_tool = _load_tool("eval_t2i")
+sweep_tool = _load_tool("sampler_sweep")
+
+
+def _tiny_features(weights=None, device="cpu") -> Features:
+    """Stand-in for Inception: channel means and stds of a 4x4 average pool, (B, 3, 299, 299) -> (B, 6)."""
+
+    def model(x):
+        B = x.shape[0]
+        pooled = torch.nn.functional.adaptive_avg_pool2d(x, 4).reshape(B, 3, 16)
+        return torch.cat([pooled.mean(-1), pooled.std(-1)], dim=1)  # (B, 6)
+
+    return Features("tiny-test", lambda: (model, "none"))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("assets")
+    ckpt = LatentDiffusionPipeline.from_config(tiny_ldm_config()).save(folder / "tiny.safetensors")
+    classifier = save_classifier(CifarClassifier(list(t2i.CIFAR10_CLASSES), widths=(4, 8, 8)),
+                                 folder / "clf.safetensors")
+    rng = np.random.default_rng(0)
+    reference = folder / "ref.tar"
+    with tarfile.open(reference, "w") as tf:
+        for i in range(6):
+            buf = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:04d}.png")
+            info.size = len(buf.getvalue())
+            tf.addfile(info, io.BytesIO(buf.getvalue()))
+    return {"ckpt": str(ckpt), "classifier": str(classifier), "reference": str(reference),
+            "cache": str(folder / "cache")}
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setattr(t2i, "inception_features", _tiny_features)
+    monkeypatch.setattr(clip_score, "cached_pretrained", lambda model, tag: None)  # an empty CLIP cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _argv(assets, outdir, *extra):
+    return ["--ckpt", assets["ckpt"], "--steps", "2", "--num-samples", "4", "--batch-size", "3",
+            "--reference", assets["reference"], "--classifier", assets["classifier"], "--cache-dir", assets["cache"],
+            "--outdir", str(outdir), "--device", "cpu", "--quiet", *extra]
+
+
+def test_eval_end_to_end(assets, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert eval_tool.main(_argv(assets, out, "--scale", "2", "--seed", "5")) == 0
+    result = json.loads((out / "results.json").read_text())
+    for key in ("checkpoint", "sampler", "steps", "scale", "seed", "num_samples", "wall_seconds", "image_size",
+                "captions", "generation_seconds", "device", "precision", "reference", "notes", "created"):
+        assert key in result, key
+    assert (result["sampler"], result["steps"], result["scale"], result["seed"]) == ("ddim", 2, 2.0, 5)
+    assert result["fid"]["value"] >= 0 and result["fid"]["generated_count"] == 4
+    assert result["fid"]["reference_count"] == 6 and result["fid"]["feature_extractor"] == "tiny-test"
+    assert result["fid"]["resize"] and "inception_weights" in result["fid"]
+    assert "skipped" in result["clip_score"]  # no CLIP weights offline: skipped with a note
+    acc = result["class_accuracy"]
+    assert 0 <= acc["accuracy"] <= 1 and acc["images"] == 4 and len(acc["per_class"]) == 10
+    assert acc["count"]["airplane"] == 1 and acc["count"]["truck"] == 0
+    pngs = sorted((out / "images").glob("*.png"))
+    assert len(pngs) == 4
+    for i, path in enumerate(pngs):
+        with Image.open(path) as im:
+            params = parse_parameters(im.info["parameters"])
+            assert im.size == (16, 16)
+        assert params["prompt"] == t2i.class_prompts(t2i.CIFAR10_CLASSES, 4).captions[i]
+        fields = (params["Steps"], params["Sampler"], params["CFG scale"], params["Seed"])
+        assert fields == ("2", "ddim", "2", str(5 + i))
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("| date |") and len(md) == 3 and "| ddim | 2 |" in md[2]
+    assert "fid:" in capsys.readouterr().out
+    # the reference statistics were cached; the images folder is never reused
+    assert list(Path(assets["cache"]).glob("*.npz"))
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main(_argv(assets, out))
+    assert e.value.code == 2 and "already holds images" in capsys.readouterr().err
+
+
+def test_caption_file_labels_and_no_fid(assets, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("two cats on a sofa\n\na red truck\na cat and a dog\n")
+    out = tmp_path / "eval"
+    assert eval_tool.main(_argv(assets, out, "--captions", str(captions), "--reference", "none", "--no-clip",
+                                "--sampler", "euler_a")) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["fid"] == {"skipped": "no reference given"}
+    assert result["class_accuracy"]["images"] == 3  # "a cat and a dog" names two classes: not counted
+    assert t2i.caption_label("Two CATS", list(t2i.CIFAR10_CLASSES)) == 3
+
+
+@pytest.mark.parametrize("change", [["--steps", "0"], ["--steps", "1000"], ["--captions", "missing.txt"],
+                                    ["--ckpt", "missing.safetensors"], ["--reference", "missing-dir"],
+                                    ["--num-samples", "0"], ["--sampler", "nope"], ["--classifier", "CKPT"]])
+def test_eval_bad_input_exits_2(assets, tmp_path, capsys, change):
+    change = [assets["ckpt"] if c == "CKPT" else c for c in change]  # a model file is not a classifier
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main(_argv(assets, tmp_path / "x", *change))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "error" in err and "Traceback" not in err
+
+
+def test_sweep_writes_table_and_plot(assets, tmp_path):
+    out = tmp_path / "sweep"
+    argv = _argv(assets, out, "--samplers", "ddim", "dpmpp_2m", "--num-samples", "2")
+    argv[argv.index("--steps") + 1:argv.index("--steps") + 2] = ["1", "2"]
+    assert sweep_tool.main(argv) == 0
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [(r["sampler"], r["steps"]) for r in summary["results"]] == [("ddim", 1), ("ddim", 2), ("dpmpp_2m", 1),
+                                                                       ("dpmpp_2m", 2)]
+    assert all("value" in r["fid"] and "accuracy" in r["class_accuracy"] for r in summary["results"])
+    table = (out / "sweep.md").read_text()
+    assert "| dpmpp_2m | 2 |" in table
+    with Image.open(out / "sweep.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert (out / "ddim-1" / "results.json").is_file()

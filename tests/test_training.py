@@ -1,0 +1,202 @@
+"""Trainer pieces (LR schedule, EMA, RNG states, log, config, losses), the non-finite guard, and a tiny end-to-end
+run of tools/train.py: autoencoder, then latent diffusion on its latents, whose export loads as a pipeline."""
+
+import importlib.util
+import io
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import latentdiff
+from latentdiff.config import load_train_config
+from latentdiff.data.writer import ShardWriter
+from latentdiff.io.checkpoint import load_model_file
+from latentdiff.training.ema import EMA
+from latentdiff.training.logging import LossLog, read_log
+from latentdiff.training.objectives.discriminator import PatchDiscriminator, hinge_d_loss
+from latentdiff.training.objectives.perceptual import LPIPS
+from latentdiff.training.optim import lr_lambda
+from latentdiff.training.state import capture_rng, list_checkpoints, load_checkpoint, restore_rng
+from latentdiff.training.trainer import NonFiniteError, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+AE_CONFIG = ROOT / "configs" / "train_tiny_autoencoder.yaml"
+LDM_CONFIG = ROOT / "configs" / "train_tiny_ldm.yaml"
+
+
+def make_shards(folder: Path, n: int = 16, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
+    return folder
+
+
+def train_main():
+    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+# -- pieces ----------------------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_lambda(s, warmup_steps=4, total_steps=12, decay="cosine", min_lr_ratio=0.1) for s in range(13)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == pytest.approx(1.0) and f[8] == pytest.approx(0.55) and f[12] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert lr_lambda(100, 0, 10, "constant", 0.0) == 1.0
+
+
+def test_ema_warmup_decay_and_exact_swap():
+    net = torch.nn.Linear(3, 2)
+    ema = EMA({"net": net}, decay=0.99, warmup=True)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**6) == 0.99
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update()  # β_0 = 0.1: θ̄ = 0.1 θ̄ + 0.9 θ
+    expected = 0.1 * before["weight"] + 0.9 * net.weight.detach()
+    torch.testing.assert_close(ema.shadow["net.weight"], expected)
+    live = net.weight.detach().clone()
+    with ema.swapped():
+        assert torch.equal(net.weight, ema.shadow["net.weight"])
+    assert torch.equal(net.weight, live)
+    other = EMA({"net": net}, decay=0.99)
+    other.load_state_dict(ema.state_dict())
+    assert other.num_updates == 1 and torch.equal(other.shadow["net.weight"], ema.shadow["net.weight"])
+
+
+def test_rng_states_round_trip_through_weights_only_file(tmp_path):
+    state = capture_rng()
+    torch.save({"rng": state}, tmp_path / "rng.pt")
+    draws = (torch.rand(3), random.random(), np.random.rand())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(draws[0], again[0]) and draws[1:] == again[1:]
+
+
+def test_loss_log_skips_cut_line_and_truncates(tmp_path):
+    log = LossLog(tmp_path / "log.jsonl", tmp_path / "loss.png", plot_interval=0)
+    for step in (1, 2, 3):
+        log.append({"step": step, "loss": 1.0 / step})
+    with open(log.path, "a") as f:
+        f.write('{"step": 4, "lo')  # a kill in the middle of a write
+    assert [r["step"] for r in read_log(log.path)] == [1, 2, 3]
+    log.truncate_after(2)
+    assert log.path.read_text().count("\n") == 2 and [r["step"] for r in read_log(log.path)] == [1, 2]
+    log.plot()
+    assert Image.open(tmp_path / "loss.png").size[0] > 100
+
+
+def test_train_config_overrides_are_strict(tmp_path):
+    cfg = load_train_config(LDM_CONFIG, ["optim.lr=0.5", "model.unet.model_channels=16", "objective.min_snr_gamma=5"])
+    assert cfg.optim.lr == 0.5 and cfg.model.unet.model_channels == 16 and cfg.objective.min_snr_gamma == 5.0
+    with pytest.raises(ValueError, match="unknown key 'optim.nope'"):
+        load_train_config(LDM_CONFIG, ["optim.nope=1"])
+    with pytest.raises(ValueError, match="objective.disc_start"):
+        load_train_config(LDM_CONFIG, ["objective.disc_start=1"])  # not a latent-diffusion setting
+    with pytest.raises(ValueError, match="precision"):
+        load_train_config(AE_CONFIG, ["precision=fp64"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("objective: {type: gan}\n")
+    with pytest.raises(ValueError, match="objective.type='gan'"):
+        load_train_config(bad)
+
+
+def test_cli_bad_input_exits_2(tmp_path, capsys):
+    main = train_main()
+    for argv in (["--config", str(AE_CONFIG), "--set", "optim.nope=1"],
+                 ["--config", str(AE_CONFIG)],  # data.shards empty
+                 ["--config", str(tmp_path / "missing.yaml")]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err
+
+
+def test_discriminator_and_lpips():
+    d = PatchDiscriminator(channels=8, layers=2)
+    assert d(torch.randn(2, 3, 12, 12)).shape == (2, 1, 1, 1)
+    assert hinge_d_loss(torch.full((2,), 2.0), torch.full((2,), -2.0)) == 0  # confident and right: no loss
+    lpips = LPIPS()
+    x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(lpips(x, x), torch.zeros(2)) and (lpips(x, y).abs() > 0).all()
+    with pytest.raises(ValueError, match="perceptual_weight=0"):
+        LPIPS.from_files("/nonexistent/vgg.pth", "/nonexistent/vgg16.pth")
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+def _tiny_trainer(tmp_path, extra=()) -> Trainer:
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={make_shards(tmp_path / 'shards')}", "sample_every=0",
+                                        "checkpoint_every=1", "objective.disc_weight=0", *extra])
+    return Trainer(cfg, tmp_path / "run", resume="none", progress=False)
+
+
+def test_nonfinite_loss_stops_before_the_update(tmp_path):
+    trainer = _tiny_trainer(tmp_path)
+    forward = trainer.objective.forward
+
+    def poisoned(batch, step):
+        loss, logs = forward(batch, step)
+        return (loss * math.nan if step == 2 else loss), logs
+
+    trainer.objective.forward = poisoned
+    with pytest.raises(NonFiniteError, match="loss became nan at step 2"):
+        trainer.run()
+    ckpts = trainer.outdir / "checkpoints"
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 1]  # nothing written at or after the bad step
+    state = load_checkpoint(ckpts / "step_00000002.pt")
+    assert all(torch.isfinite(v).all() for v in state["modules"]["autoencoder"].values())
+    assert all(torch.isfinite(p).all() for p in trainer.objective.autoencoder.parameters())  # no broken update
+    assert not (trainer.outdir / "model.safetensors").exists()
+
+
+def test_nonfinite_gradient_stops(tmp_path):
+    trainer = _tiny_trainer(tmp_path, ["steps=2"])
+    weight = trainer.objective.autoencoder.decoder.conv_out.weight
+    weight.register_hook(lambda g: g * math.inf)
+    with pytest.raises(NonFiniteError, match="non-finite gradient norm"):
+        trainer.run()
+    assert list_checkpoints(trainer.outdir / "checkpoints") == []
+    assert torch.isfinite(weight).all()
+
+
+def test_end_to_end_autoencoder_then_latent_diffusion(tmp_path):
+    main = train_main()
+    shards = make_shards(tmp_path / "shards")
+    ae_dir, ldm_dir = tmp_path / "ae", tmp_path / "ldm"
+    common = ["--set", f"data.shards={shards}", "--set", "steps=3", "--set", "log_every=1", "--no-progress"]
+    main(["--config", str(AE_CONFIG), "--outdir", str(ae_dir), *common])
+    ae_cfg, parts, meta = load_model_file(ae_dir / "model.safetensors")
+    assert set(parts) == {"autoencoder"} and meta["step"] == "3" and meta["ema"] == "true"
+
+    main(["--config", str(LDM_CONFIG), "--outdir", str(ldm_dir), *common,
+          "--set", f"objective.autoencoder_checkpoint={ae_dir / 'model.safetensors'}",
+          "--set", "gradient_checkpointing=true", "--set", "objective.min_snr_gamma=5"])
+    for run in (ae_dir, ldm_dir):
+        records = read_log(run / "log.jsonl")
+        assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
+        assert (run / "loss.png").is_file() and (run / "samples" / "step_00000003.png").is_file()
+        assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [3, 2]
+        assert json.loads(load_checkpoint(run / "checkpoints" / "step_00000003.pt")["config"])["steps"] == 3
+
+    pipe = latentdiff.load_pipeline(ldm_dir / "model.safetensors")
+    assert pipe.config.unet.gradient_checkpointing is False
+    assert pipe.config.autoencoder.scaling_factor != ae_cfg.autoencoder.scaling_factor  # set from latent std
+    torch.testing.assert_close(pipe.autoencoder.state_dict(), parts["autoencoder"])  # the frozen autoencoder
+    images = pipe(["a photo of thing 1"], steps=2, seed=0)
+    assert images[0].size == (16, 16)

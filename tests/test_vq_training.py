@@ -1,0 +1,146 @@
+"""VQ training objectives with the common trainer: VQ autoencoder, then VQ-Diffusion on its codes, then txt2img."""
+
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+import latentdiff.pipelines_vq  # noqa: F401  (registers the VQ pipeline with load_pipeline)
+from latentdiff.config import load_train_config, train_config_from_dict
+from latentdiff.data.writer import ShardWriter
+from latentdiff.diffusion.discrete import ImportanceTimestepSampler
+from latentdiff.io.checkpoint import load_model_file
+from latentdiff.pipelines import parse_parameters
+from latentdiff.training.objectives import build_objective
+from latentdiff.training.objectives.vq_diffusion import SyncedTimestepSampler
+from latentdiff.training.state import checkpoint_path, load_checkpoint
+from latentdiff.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import txt2img  # noqa: E402
+
+VQVAE = ROOT / "configs" / "train_tiny_vqvae.yaml"
+VQ_DIFFUSION = ROOT / "configs" / "train_tiny_vq_diffusion.yaml"
+FAST = ["steps=2", "log_every=2", "sample_every=2", "checkpoint_every=2"]
+
+
+def make_shards(folder: Path, n: int = 8, size: int = 16) -> Path:
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A 2-step VQ autoencoder run, then a 2-step VQ-Diffusion run on its export."""
+    root = tmp_path_factory.mktemp("vq_runs")
+    shards = make_shards(root / "shards")
+    vq_cfg = load_train_config(VQVAE, [f"data.shards={shards}", *FAST])
+    vq_record = Trainer(vq_cfg, root / "vqvae", resume="none", progress=False).run()
+    diff_cfg = load_train_config(VQ_DIFFUSION, [f"data.shards={shards}", *FAST,
+                                                f"objective.vqvae_checkpoint={root / 'vqvae' / 'model.safetensors'}"])
+    trainer = Trainer(diff_cfg, root / "vq_diffusion", resume="none", progress=False)
+    diff_record = trainer.run()
+    return {"root": root, "shards": shards, "vq_record": vq_record, "diff_record": diff_record, "trainer": trainer,
+            "diff_cfg": diff_cfg}
+
+
+def test_vqvae_run_logs_codebook_statistics_and_exports_the_autoencoder(runs):
+    record = runs["vq_record"]
+    for key in ("l_rec", "vq_loss", "usage", "perplexity", "loss"):
+        assert np.isfinite(record[key]), key
+    assert 0 < record["usage"] <= 1 and 1 <= record["perplexity"] <= 32
+    cfg, parts, _ = load_model_file(runs["root"] / "vqvae" / "model.safetensors")
+    assert cfg.type == "vq_diffusion" and set(parts) == {"vqvae"}
+    assert "quantize.cluster_size" in parts["vqvae"]  # EMA codebook statistics travel with it
+    assert (runs["root"] / "vqvae" / "samples" / "step_00000002.png").is_file()
+
+
+def test_vq_diffusion_run_uses_the_frozen_autoencoder_and_checkpoints_the_timestep_sampler(runs):
+    root, trainer = runs["root"], runs["trainer"]
+    _, vq_parts, _ = load_model_file(root / "vqvae" / "model.safetensors")
+    cfg, parts, _ = load_model_file(root / "vq_diffusion" / "model.safetensors")
+    assert set(parts) == {"vqvae", "transformer", "text_encoder"}
+    assert all(torch.equal(v, parts["vqvae"][k]) for k, v in vq_parts["vqvae"].items())
+    assert not cfg.transformer.gradient_checkpointing
+    sampler = trainer.objective.timestep_sampler
+    assert sampler.Lt_count.sum() == 2 * 4  # 2 steps of 4 samples
+    state = load_checkpoint(checkpoint_path(root / "vq_diffusion" / "checkpoints", 2))
+    saved = state["objective"]["timestep_sampler"]
+    assert saved == {"Lt_history": sampler.Lt_history.tolist(), "Lt_count": sampler.Lt_count.tolist()}
+    fresh = build_objective(runs["diff_cfg"])
+    fresh.load_extra_state(state["objective"])
+    assert torch.equal(fresh.timestep_sampler.Lt_history, sampler.Lt_history.cpu())
+    assert np.isfinite(runs["diff_record"]["vlb"]) and (root / "vq_diffusion" / "samples").is_dir()
+
+
+def test_txt2img_on_the_export_writes_a_png_with_parameters(runs, tmp_path):
+    out = tmp_path / "out"
+    ckpt = runs["root"] / "vq_diffusion" / "model.safetensors"
+    assert txt2img.main(["a photo of a cat", "--ckpt", str(ckpt), "--steps", "5", "--seed", "3", "--outdir", str(out),
+                         "--quiet"]) == 0
+    (png,) = out.glob("*.png")
+    image = Image.open(png)
+    params = parse_parameters(image.info["parameters"])
+    assert image.size == (16, 16) and params["prompt"] == "a photo of a cat" and params["Steps"] == "5"
+    assert params["Seed"] == "3" and params["Sampler"] == "VQ-Diffusion" and params["CFG scale"] == "2"
+
+
+def test_dropped_captions_get_the_learned_null_condition(runs):
+    objective = runs["trainer"].objective
+    with torch.no_grad():
+        context = objective.encode_captions(["a cat", "", "a dog"])
+    null = objective.transformer.null_context
+    assert torch.equal(context[1], null) and not torch.equal(context[0], null)
+    torch.testing.assert_close(context[0].norm(dim=-1), torch.ones(16))  # normalize_context
+
+
+def test_synced_timestep_sampler_matches_the_plain_one_in_a_process_group(tmp_path):
+    t = torch.tensor([0, 3, 3, 9])
+    vlb = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    plain, synced = ImportanceTimestepSampler(10), SyncedTimestepSampler(10)
+    plain.update(t, vlb)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        synced.update(t, vlb)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(plain.Lt_history, synced.Lt_history) and torch.equal(plain.Lt_count, synced.Lt_count)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.vqvae_checkpoint=MISSING"], "objective.vqvae_checkpoint: checkpoint .* does not exist"),
+    (["objective.mask_weight=[1.0]"], "objective.mask_weight=\\[1.0\\] must be two numbers"),
+    (["objective.sample_truncation=0"], "objective.sample_truncation=0"),
+])
+def test_bad_vq_diffusion_configs_are_clear_errors(runs, tmp_path, overrides, message):
+    overrides = [o.replace("MISSING", str(tmp_path / "nope.safetensors")) for o in overrides]
+    with pytest.raises(ValueError, match=message):
+        build_objective(load_train_config(VQ_DIFFUSION, [f"data.shards={runs['shards']}", *overrides]))
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vq_diffusion"])
+def test_vq_objectives_need_a_vq_model(kind):
+    cfg = train_config_from_dict({"objective": {"type": kind}})  # model: the default latent_diffusion config
+    with pytest.raises(ValueError, match=f"objective.type='{kind}' trains a VQDiffusionConfig model, but "
+                                         f"model.type is 'latent_diffusion'"):
+        build_objective(cfg)
+
+
+def test_a_checkpoint_without_a_vqvae_is_refused(runs, tmp_path):
+    from latentdiff.io.checkpoint import save_model_file
+
+    cfg, parts, _ = load_model_file(runs["root"] / "vq_diffusion" / "model.safetensors")
+    path = save_model_file(tmp_path / "no_vqvae.safetensors", cfg, {"transformer": parts["transformer"]})
+    with pytest.raises(ValueError, match="holds no 'vqvae' weights"):
+        build_objective(load_train_config(VQ_DIFFUSION, [f"objective.vqvae_checkpoint={path}"]))

@@ -96,12 +96,12 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
     try:
         p_crash = launch(crashed, shards, {CRASH_ENV: "4"})  # SIGKILLs itself inside the write of checkpoint 4
         p_kill = launch(killed, shards, {})
-        run_in_process(ref, shards, resume="none")
         deadline = time.time() + 240
         while not checkpoint_path(killed / "checkpoints", 2).exists():  # then SIGKILL it, mid-training
             assert p_kill.is_alive() and time.time() < deadline, "the victim run made no checkpoint"
-            time.sleep(0.01)
+            time.sleep(0.005)
         os.kill(p_kill.pid, signal.SIGKILL)
+        run_in_process(ref, shards, resume="none")
         p_kill.join(60)
         p_crash.join(240)
         assert p_kill.exitcode == -signal.SIGKILL and p_crash.exitcode == -signal.SIGKILL

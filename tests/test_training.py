@@ -200,3 +200,14 @@ def test_end_to_end_autoencoder_then_latent_diffusion(tmp_path):
     torch.testing.assert_close(pipe.autoencoder.state_dict(), parts["autoencoder"])  # the frozen autoencoder
     images = pipe(["a photo of thing 1"], steps=2, seed=0)
     assert images[0].size == (16, 16)
+
+
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
+    trainer = _tiny_trainer(tmp_path, ["steps=2"])
+    trainer.run()
+    ckpts = trainer.outdir / "checkpoints"
+    older = Trainer(trainer.cfg, trainer.outdir, resume=str(ckpts / "step_00000001.pt"), progress=False)
+    assert older.step == 1 and [s for s, _ in list_checkpoints(ckpts)] == [1]
+    assert (ckpts / "abandoned-step_00000002.pt").is_file()
+    older.run()
+    assert [s for s, _ in list_checkpoints(ckpts)] == [2, 1]

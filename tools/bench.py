@@ -5,7 +5,8 @@ latentdiff's layout) and fed the same inputs. Timed: one U-Net call with classif
 (2 x --batch), and a full guided DDIM sample loop (eta = 0, --steps steps, latentdiff's sampler and guidance
 wrapper driving either model). Each repeat runs latentdiff then diffusers, so both see the same machine load;
 the table reports medians after warmup, the ratio diffusers/latentdiff (> 1: latentdiff is faster), FLOPs of
-one call (torch.utils.flop_counter) and the achieved TFLOP/s.
+one call (torch.utils.flop_counter) and the achieved TFLOP/s; on CPU also the medians of process CPU time, which
+a machine shared with other jobs disturbs less than wall-clock time.
 
     python tools/bench.py
     OMP_NUM_THREADS=2 python tools/bench.py --config small --repeats 7 --steps 50
@@ -94,20 +95,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_pair(fns: dict, repeats: int, device: torch.device) -> tuple[dict[str, list[float]], float]:
-    """Seconds per call of each function, interleaved repeat by repeat, and the max |difference| of the two
-    functions' last outputs."""
-    times = {name: [] for name in fns}
+def time_pair(label: str, fns: dict, repeats: int, device: torch.device) -> tuple[dict, dict, float]:
+    """Wall-clock and process CPU seconds per call of each function, interleaved repeat by repeat, and the max
+    |difference| of the two functions' last outputs. Progress goes to stderr.
+
+    On a shared CPU, CPU time is the steadier measure: it does not count time spent waiting for a core."""
+    wall = {name: [] for name in fns}
+    cpu = {name: [] for name in fns}
     outputs = {}
-    for _ in range(repeats):
+    for i in range(repeats):
+        print(f"bench: {label}, repeat {i + 1}/{repeats}", file=sys.stderr, flush=True)
         for name, fn in fns.items():
             _sync(device)
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = fn()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     ours, theirs = (out.float() for out in outputs.values())
-    return times, (ours - theirs).abs().max().item()
+    return wall, cpu, (ours - theirs).abs().max().item()
 
 
 def count_flops(fn) -> int:
@@ -140,13 +146,14 @@ def run(args: argparse.Namespace) -> dict:
                "batch": B, "latent": [cfg.in_channels, side, side], "context_length": length,
                "threads": torch.get_num_threads(), "repeats": args.repeats, "steps": args.steps,
                "params": sum(p.numel() for p in ours.parameters())}
-    rows, diffs = {}, {}
+    rows, cpu_rows, diffs = {}, {}, {}
     with torch.inference_mode():
         for _ in range(args.warmup):
             for fn in calls.values():
                 fn()
         results["flops"] = {name: count_flops(fn) for name, fn in calls.items()}
-        rows["unet call"], diffs["unet call"] = time_pair(calls, args.repeats, device)
+        rows["unet call"], cpu_rows["unet call"], diffs["unet call"] = time_pair("unet call", calls, args.repeats,
+                                                                                   device)
         if args.steps:
             schedule = DiffusionSchedule.from_config(ScheduleConfig())  # Stable Diffusion's scaled-linear betas
             x_T = torch.randn(B, cfg.in_channels, side, side, generator=g).to(device, dtype)
@@ -155,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
                                                args.steps, model_kwargs=cond, steps_offset=1))
                      for name, m in models.items()}
             row = f"ddim {args.steps} steps"
-            rows[row], diffs[row] = time_pair(loops, args.repeats, device)
+            rows[row], cpu_rows[row], diffs[row] = time_pair(row, loops, args.repeats, device)
         if device.type == "cuda":
             results["peak_memory_gib"] = {}
             for name, fn in calls.items():
@@ -164,7 +171,10 @@ def run(args: argparse.Namespace) -> dict:
                 results["peak_memory_gib"][name] = torch.cuda.max_memory_allocated(device) / 2**30
     results["timings_s"] = {row: {name: statistics.median(ts) for name, ts in by_model.items()}
                             for row, by_model in rows.items()}
+    results["cpu_timings_s"] = {row: {name: statistics.median(ts) for name, ts in by_model.items()}
+                                for row, by_model in cpu_rows.items()}
     results["raw_timings_s"] = rows
+    results["raw_cpu_timings_s"] = cpu_rows
     results["max_abs_diff"] = diffs
     # U-Net calls per row: one, or one per step (on a batch of B instead of 2B when the scale is 1)
     results["calls_per_row"] = {row: 1.0 if row == "unet call" else args.steps * (0.5 if args.scale == 1 else 1.0)
@@ -186,6 +196,11 @@ def print_table(r: dict) -> None:
         print(f"{row:<16}{ours * 1e3:>15.1f}{theirs * 1e3:>15.1f}{theirs / ours:>11.3f}"
               f"{calls * flops / ours / 1e12:>14.3f}{calls * r['flops']['diffusers'] / theirs / 1e12:>14.3f}"
               f"{r['max_abs_diff'][row]:>11.2e}")
+    if r["device"] == "cpu":
+        print(f"{'process CPU time':<16}{'latentdiff ms':>15}{'diffusers ms':>15}{'ratio d/l':>11}")
+        for row, t in r["cpu_timings_s"].items():
+            ours, theirs = t["latentdiff"], t["diffusers"]
+            print(f"{row:<16}{ours * 1e3:>15.1f}{theirs * 1e3:>15.1f}{theirs / ours:>11.3f}")
     if "peak_memory_gib" in r:
         mem = r["peak_memory_gib"]
         print(f"peak memory of one call: latentdiff {mem['latentdiff']:.2f} GiB, diffusers {mem['diffusers']:.2f} GiB")

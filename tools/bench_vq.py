@@ -156,7 +156,7 @@ def run_latentdiff(ours, prompts: list[str], steps: int, args, codes: list):
                          callback=lambda i, n, x: codes.append(x))
 
 
-def bench_dtype(name: str, dtype_name: str, ref, ours, args, device) -> list[dict]:
+def bench_dtype(name: str, dtype_name: str, ref, ours, args, device, table: Table) -> None:
     """Rows of one preset and precision: diffusers, then latentdiff's full chain and its fast modes."""
     _, dtype = resolve_device_dtype(str(device), dtype_name)
     ref.to(device, dtype)
@@ -170,7 +170,7 @@ def bench_dtype(name: str, dtype_name: str, ref, ours, args, device) -> list[dic
     except Exception as e:  # noqa: BLE001  a reference failure (e.g. in fp16) is reported, not fatal
         print(f"{name}/{dtype_name}: diffusers failed: {type(e).__name__}: {e}", file=sys.stderr)
         seconds = peak = float("nan")
-    rows = [row | dict(seconds=seconds, peak_gib=peak, tflops=flops * TIMESTEPS / seconds / 1e12)]
+    table.add(row | dict(seconds=seconds, peak_gib=peak, tflops=flops * TIMESTEPS / seconds / 1e12))
     for skip in (1, *args.skip):
         steps = TIMESTEPS // skip
         seconds, peak, _ = timed(lambda steps=steps: run_latentdiff(ours, prompts, steps, args, our_codes),
@@ -178,40 +178,40 @@ def bench_dtype(name: str, dtype_name: str, ref, ours, args, device) -> list[dic
         agree = ""
         if skip == 1 and ref_codes:
             agree = f"{(ref_codes[-1] == our_codes[-1]).float().mean().item():.1%}"
-        rows.append(dict(preset=name, dtype=dtype_name, impl="latentdiff" + (f" skip {skip}" if skip > 1 else ""),
-                         steps=steps, seconds=seconds, peak_gib=peak, tflops=flops * steps / seconds / 1e12,
-                         agree=agree))
-    return rows
+        table.add(dict(preset=name, dtype=dtype_name, impl="latentdiff" + (f" skip {skip}" if skip > 1 else ""),
+                       steps=steps, seconds=seconds, peak_gib=peak, tflops=flops * steps / seconds / 1e12,
+                       agree=agree))
 
 
-def bench_preset(name: str, args, device) -> list[dict]:
+def bench_preset(name: str, args, device, table: Table) -> None:
     import torch
 
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         ref = build_diffusers(PRESETS[name], Path(tmp))
         ours = convert(ref, Path(tmp) if args.folder else None)
         for dtype_name in args.dtype:
-            rows += bench_dtype(name, dtype_name, ref, ours, args, device)
+            bench_dtype(name, dtype_name, ref, ours, args, device, table)
         del ref, ours
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    head = f"{'preset':<7}{'dtype':<6}{'impl':<20}{'calls':>6}{'time s':>10}{'speedup':>10}{'peak GiB':>10}" \
-           f"{'TFLOP/s':>9}{'codes agree':>13}"
-    print(head)
-    print("-" * len(head))
-    base = {}
-    for r in rows:
+class Table:
+    """Rows printed as they are measured; speedups against the diffusers row of the same preset and dtype."""
+
+    def __init__(self):
+        self.base: dict[tuple[str, str], float] = {}
+        head = (f"{'preset':<7}{'dtype':<6}{'impl':<20}{'calls':>6}{'time s':>10}{'speedup':>10}{'peak GiB':>10}"
+                f"{'TFLOP/s':>10}{'codes agree':>13}")
+        print(head + "\n" + "-" * len(head), flush=True)
+
+    def add(self, r: dict) -> None:
         if r["impl"] == "diffusers":
-            base[(r["preset"], r["dtype"])] = r["seconds"]
-        speedup = base[(r["preset"], r["dtype"])] / r["seconds"]
+            self.base[(r["preset"], r["dtype"])] = r["seconds"]
+        speedup = self.base[(r["preset"], r["dtype"])] / r["seconds"]
         print(f"{r['preset']:<7}{r['dtype']:<6}{r['impl']:<20}{r['steps']:>6}{r['seconds']:>10.3f}"
-              f"{speedup:>9.2f}x{r['peak_gib']:>10.2f}{r['tflops']:>9.2f}{r['agree']:>13}")
+              f"{speedup:>9.2f}x{r['peak_gib']:>10.2f}{r['tflops']:>10.4f}{r['agree']:>13}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,10 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {card}, torch {torch.__version__}, diffusers {diffusers.__version__}, threads "
           f"{torch.get_num_threads()}, batch {args.batch}, scale {args.scale}, T = {TIMESTEPS}")
-    rows = []
+    table = Table()
     for name in args.preset:
-        rows += bench_preset(name, args, device)
-    print_table(rows)
+        bench_preset(name, args, device, table)
     return 0
 
 

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("fid", "clip_score", "class_accuracy"):
         section = result[name]
         value = section.get("value", section.get("accuracy"))
-        print(f"{name}: {section['skipped']}" if "skipped" in section else f"{name}: {value:.4f}")
+        print(f"{name}: skipped ({section['skipped']})" if "skipped" in section else f"{name}: {value:.4f}")
     print(f"wrote {json_path} and a row in {md_path} ({result['wall_seconds']:.0f} s)")
     return 0
 

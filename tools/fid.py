@@ -131,6 +131,10 @@ def run(args: argparse.Namespace) -> None:
     _report_failures("B", b)
     for warning in check_compatible(a.stats, b.stats):
         print(f"warning: {warning}", file=sys.stderr)
+    counts = [n for n in (a.stats.count, b.stats.count) if n >= 0]  # -1: not recorded (pytorch-fid files)
+    dims = a.stats.mu.shape[0]
+    if counts and min(counts) < dims:
+        print(f"warning: {min(counts)} images < {dims} feature dimensions: FID is biased upward", file=sys.stderr)
     print(f"FID: {fid(a.stats, b.stats):.4f}")
     print(_describe("A", a))
     print(_describe("B (reference)", b))

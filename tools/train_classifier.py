@@ -10,6 +10,8 @@ Examples (from the repository root)::
 Labels come from each sample's ``{key}.json`` ``class``; the class order is the shard manifest's ``classes``
 (sorted), stored in the file's metadata with the architecture, the training settings and the test accuracy.
 The file is written atomically and never replaces an existing one unless ``--overwrite`` is given.
+The defaults made latentdiff/assets/cifar10_classifier.safetensors: 77.9% test accuracy (flip-averaged), 0.3 MB,
+about 15 minutes of one busy CPU core (longer on a crowded machine); wider nets and more epochs do better.
 Bad input prints one message and exits with status 2.
 """
 
@@ -30,10 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="training shards: folder, brace pattern, glob or file")
     p.add_argument("--test-shards", default=None, help="held-out shards to report accuracy on (same classes)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training set (fractions allowed)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.2, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--widths", type=int, nargs="+", default=[24, 48, 96], help="channels of the conv blocks")
+    p.add_argument("--epochs", type=float, default=2.5, help="passes over the training set (fractions allowed)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=0.15, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="channels of the conv blocks")
     p.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, augmentation)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -1,7 +1,7 @@
 """A small CIFAR-10 classifier: the offline text-alignment judge of the text-to-image benchmark.
 
     data = load_labelled_shards("data/cifar10-train-shards")           # uint8 images, labels, class names
-    clf = train_classifier(data, TrainSettings(epochs=2, widths=(24, 48, 96)))
+    clf = train_classifier(data, TrainSettings(epochs=2.5))
     evaluate_classifier(clf, load_labelled_shards("data/cifar10-test-shards"))   # {"accuracy": ..., "per_class": ...}
     save_classifier(clf, "classifier.safetensors")
     clf = load_classifier("classifier.safetensors")
@@ -77,7 +77,7 @@ class _Block(nn.Module):
 class CifarClassifier(nn.Module):
     """``forward(x (B, 3, S, S) in [-1, 1]) -> logits (B, K)``; ``predict`` takes any size and averages flips."""
 
-    def __init__(self, class_names: list[str], widths: tuple[int, ...] = (24, 48, 96), image_size: int = 32):
+    def __init__(self, class_names: list[str], widths: tuple[int, ...] = (16, 32, 64), image_size: int = 32):
         super().__init__()
         if len(class_names) < 2 or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
@@ -214,13 +214,13 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.
 
 @dataclass
 class TrainSettings:
-    epochs: float = 2.0  # fractions allowed: the schedule runs ceil(epochs * steps per epoch) steps
-    batch_size: int = 256
-    lr: float = 0.2
+    epochs: float = 2.5  # fractions allowed: the schedule runs ceil(epochs * steps per epoch) steps
+    batch_size: int = 128
+    lr: float = 0.15
     momentum: float = 0.85
     weight_decay: float = 5e-4
     label_smoothing: float = 0.2
-    widths: tuple[int, ...] = (24, 48, 96)
+    widths: tuple[int, ...] = (16, 32, 64)
     seed: int = 0
 
     def __post_init__(self):

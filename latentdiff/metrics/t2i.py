@@ -135,7 +135,7 @@ def load_judges(reference: str | None, classifier: str | Path | None, clip: dict
     if classifier is None and DEFAULT_CLASSIFIER.is_file():
         classifier = DEFAULT_CLASSIFIER
     if classifier is None:
-        judges.notes["classifier"] = f"skipped: no classifier given and {DEFAULT_CLASSIFIER} is absent"
+        judges.notes["classifier"] = f"no classifier given and {DEFAULT_CLASSIFIER} is absent"
     else:
         judges.classifier = load_classifier(classifier, device=device)
         judges.notes["classifier_path"] = str(classifier)
@@ -147,7 +147,7 @@ def load_judges(reference: str | None, classifier: str | Path | None, clip: dict
         except ClipWeightsError as e:
             if clip.get("weights") is not None:
                 raise
-            judges.notes["clip"] = f"skipped: {e}"
+            judges.notes["clip"] = str(e)
     if reference is None:
         judges.notes["fid"] = "no reference given"
     else:
@@ -156,7 +156,7 @@ def load_judges(reference: str | None, classifier: str | Path | None, clip: dict
         except InceptionWeightsError as e:
             if inception_weights is not None:
                 raise
-            judges.notes["fid"] = f"skipped: no Inception weights ({str(e).splitlines()[0]})"
+            judges.notes["fid"] = f"no Inception weights ({str(e).splitlines()[0]})"
         if judges.features is not None:
             judges.reference = source_statistics(reference, judges.features, cache_dir=cache_dir,
                                                  num_samples=reference_samples, batch_size=fid_batch_size,

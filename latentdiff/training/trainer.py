@@ -134,7 +134,18 @@ class Trainer:
             path = resume
             state = load_checkpoint(Path(path))
         self._load_state(state, Path(path))
+        if self.dist.is_main:
+            self._set_aside_newer_checkpoints()
         return Path(path)
+
+    def _set_aside_newer_checkpoints(self) -> None:
+        """After resuming an older checkpoint, newer ones belong to an abandoned history: rename them (kept, but
+        never picked by ``--resume auto``)."""
+        for step, path in list_checkpoints(self.ckpt_dir):
+            if step > self.step:
+                path.rename(path.with_name(f"abandoned-{path.name}"))
+                print(f"note: {path.name} is newer than the resumed step {self.step}; renamed to "
+                      f"abandoned-{path.name}", file=sys.stderr)
 
     def _load_state(self, state: dict, path: Path) -> None:
         saved = json.loads(state["config"])

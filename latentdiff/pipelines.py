@@ -245,9 +245,11 @@ def register_pipeline(model_type: str, cls: type) -> None:
 def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwargs):
     """Load a text-to-image pipeline.
 
-    ``path``: ``None`` (the embedded default model), the project's ``.safetensors`` model file, a Stable
-    Diffusion single file (``.safetensors``/``.ckpt``) or a diffusers folder. ``device``/``dtype`` move it after
-    loading. Extra keyword arguments go to the Stable Diffusion loaders (e.g. ``prediction_type``).
+    ``path``: ``None`` (the embedded default model, stored in float16, loaded in float32 unless ``dtype`` is
+    given), the project's ``.safetensors`` model file, a Stable
+    Diffusion single file (``.safetensors``/``.ckpt``) or a diffusers folder (Stable Diffusion, or VQ-Diffusion:
+    ``model_index.json`` naming ``VQDiffusionPipeline``). ``device``/``dtype`` move it after loading. Extra
+    keyword arguments go to the Stable Diffusion loaders (e.g. ``prediction_type``).
     Raises :class:`~latentdiff.io.checkpoint.CheckpointError` (a ``ValueError``) with a clear message.
     """
     if path is None:
@@ -255,6 +257,7 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
             raise CheckpointError(f"the embedded default model {DEFAULT_MODEL} is missing from this install; "
                                   f"pass a checkpoint path")
         path = DEFAULT_MODEL
+        dtype = dtype or torch.float32  # stored in float16 to stay small; computed in float32 unless asked
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -265,9 +268,19 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
             raise CheckpointError(f"{path}: no pipeline for model type {cfg.type!r}")
         pipe = cls.from_parts(cfg, parts, name=metadata.get("name", path.stem))
     else:
-        from latentdiff.io.stable_diffusion import load_stable_diffusion
+        from latentdiff.io.vq_diffusion import is_vq_diffusion_folder
 
-        pipe = load_stable_diffusion(path, **kwargs)
+        if is_vq_diffusion_folder(path):
+            from latentdiff.pipelines_vq import load_vq_diffusion_folder
+
+            pipe = load_vq_diffusion_folder(path)
+        else:
+            from latentdiff.io.stable_diffusion import load_stable_diffusion
+
+            pipe = load_stable_diffusion(path, **kwargs)
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe
+
+
+from latentdiff import pipelines_vq  # noqa: E402,F401  (registers "vq_diffusion"; it imports this module)

@@ -7,10 +7,10 @@ last ``keep_checkpoints``) and, at the end, ``model.safetensors`` (EMA weights w
 
 Examples (CIFAR-10 recipe: first the autoencoder, then the latent diffusion model on its latents):
 
-    python tools/make_shards.py ...                       # CIFAR-10 -> data/cifar10-train (see its docstring)
+    python tools/make_shards.py /work/shared/data/cifar10/cifar10-train.tar.gz data/cifar10-train-shards
     python tools/train.py --config configs/cifar10_autoencoder.yaml --outdir runs/cifar10_autoencoder
     python tools/train.py --config configs/cifar10_ldm.yaml --outdir runs/cifar10_ldm \\
-        --set objective.autoencoder_checkpoint=runs/cifar10_autoencoder/model.safetensors
+        --set objective.autoencoder_checkpoint=runs/cifar10_autoencoder/model.safetensors   # (the default)
 
     # override any config value with dotted keys; stop early (the LR schedule still spans `steps`)
     python tools/train.py --config configs/cifar10_ldm.yaml --set optim.lr=2e-4 --set data.batch_size=64 --max-steps 100

@@ -37,9 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale (1 = no guidance); default: the model's own "
                         "(its config's guidance_scale; 7.5 for Stable Diffusion)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+                   help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=None, help="random seed (image i uses seed+i); default: random")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
+                        "default: the model's truncation_rate")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (latent diffusion: image i uses seed+i; VQ-Diffusion: one random stream for "
+                        "the whole call); default: random")
     p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
     p.add_argument("--H", type=int, default=None, help="image height in pixels; default: the model's size")
     p.add_argument("--W", type=int, default=None, help="image width in pixels; default: the model's size")
@@ -63,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--steps must be a positive integer, got {args.steps}")
     if args.n_samples <= 0:
         fail(f"--n_samples must be a positive integer, got {args.n_samples}")
+    if args.truncation is not None and not 0 < args.truncation <= 1:
+        fail(f"--truncation must be in (0, 1], got {args.truncation}")
     for flag, value in (("--H", args.H), ("--W", args.W)):
         if value is not None and value <= 0:
             fail(f"{flag} must be a positive integer, got {value}")
@@ -82,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     height = args.H or pipe.config.image_size
     width = args.W or pipe.config.image_size
     scale = args.scale if args.scale is not None else pipe.default_scale
+    vq_kwargs = {}
+    if args.truncation is not None:
+        if pipe.config.type != "vq_diffusion":
+            fail("--truncation applies to VQ-Diffusion models only")
+        vq_kwargs["truncation"] = args.truncation
     try:
         pipe.check_size(height, width)
         if args.steps > pipe.schedule.num_timesteps:
@@ -98,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
                       sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
-                      num_images_per_prompt=args.n_samples, callback=progress)
+                      num_images_per_prompt=args.n_samples, callback=progress, **vq_kwargs)
     except ValueError as e:  # a combination only the sampler can judge (e.g. eta with a non-DDIM sampler)
         fail(str(e))
     finally:

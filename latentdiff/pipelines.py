@@ -88,8 +88,79 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
 
 
-class LatentDiffusionPipeline:
+class Pipeline:
+    """What every text-to-image pipeline shares: named parts, construction from a config (random weights) or from
+    state dicts (empty parameters filled by assignment), saving to the project's file, moving between devices.
+
+    Subclasses set ``components`` (constructor argument names, also the prefixes in the model file) and
+    ``main_component`` (whose parameters give ``device``/``dtype``), and implement ``build_modules``.
+    """
+
+    components: tuple[str, ...] = ()
+    main_component: str = ""
+
+    @classmethod
+    def build_modules(cls, config) -> dict[str, torch.nn.Module]:
+        raise NotImplementedError
+
+    @classmethod
+    def missing_hint(cls, parts: dict[str, dict]) -> str:
+        """Extra words for the error about a file that lacks some components."""
+        return ""
+
+    @classmethod
+    def from_config(cls, config, name: str = ""):
+        """Random weights (for tests and as the start of training)."""
+        return cls(config, **cls.build_modules(config), name=name)
+
+    @classmethod
+    def from_parts(cls, config, parts: dict[str, dict], name: str = ""):
+        """Build from state dicts: modules are built with empty (meta) parameters and take the loaded tensors by
+        assignment, so the weights are held once, in the file's dtype, and nothing is randomly initialised."""
+        missing = [c for c in cls.components if c not in parts]
+        if missing:
+            raise CheckpointError(f"model file has no {missing} weights{cls.missing_hint(parts)}")
+        with empty_parameters():
+            modules = cls.build_modules(config)
+        for component, module in modules.items():
+            load_into(module, parts[component], component, assign=True)
+            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+            if left:
+                raise CheckpointError(f"{component}: tensors not provided by the file: {left[:5]}")
+        return cls(config, **modules, name=name)
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the project's single-file ``.safetensors`` (weights + config), read back by ``load_pipeline``."""
+        return save_model_file(path, self.config, self.modules(), overwrite=overwrite)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {c: getattr(self, c) for c in self.components}
+
+    def to(self, device=None, dtype=None):
+        for m in self.modules().values():
+            m.to(device=device, dtype=dtype)
+        if device is not None:
+            self.schedule = self.schedule.to(self.device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(getattr(self, self.main_component).parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(getattr(self, self.main_component).parameters()).dtype
+
+    @property
+    def default_scale(self) -> float:
+        return self.config.guidance_scale
+
+
+class LatentDiffusionPipeline(Pipeline):
     """Text encoder -> U-Net under classifier-free guidance, walked by a sampler -> autoencoder decoder."""
+
+    components = ("unet", "autoencoder", "text_encoder")
+    main_component = "unet"
 
     def __init__(self, config: LatentDiffusionConfig, unet: UNetModel, autoencoder: AutoencoderKL,
                  text_encoder: torch.nn.Module, name: str = ""):
@@ -100,55 +171,10 @@ class LatentDiffusionPipeline:
         self.schedule = DiffusionSchedule.from_config(config.schedule)
         self.name = name
 
-    # -- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: LatentDiffusionConfig, name: str = "") -> LatentDiffusionPipeline:
-        """Random weights (for tests and as the start of training)."""
-        return cls(config, UNetModel(config.unet), AutoencoderKL(config.autoencoder),
-                   build_text_encoder(config.text_encoder), name=name)
-
-    @classmethod
-    def from_parts(cls, config: LatentDiffusionConfig, parts: dict[str, dict], name: str = "",
-                   ) -> LatentDiffusionPipeline:
-        """Build from state dicts: modules are built with empty (meta) parameters and take the loaded tensors by
-        assignment, so the weights are held once, in the file's dtype, and nothing is randomly initialised."""
-        with empty_parameters():
-            modules = {"unet": UNetModel(config.unet), "autoencoder": AutoencoderKL(config.autoencoder),
-                       "text_encoder": build_text_encoder(config.text_encoder)}
-        for component, module in modules.items():
-            if component not in parts:
-                raise CheckpointError(f"model file has no '{component}' weights")
-            load_into(module, parts[component], component, assign=True)
-            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-            if left:
-                raise CheckpointError(f"{component}: tensors not provided by the file: {left[:5]}")
-        return cls(config, **modules, name=name)
-
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the project's single-file ``.safetensors`` (weights + config)."""
-        return save_model_file(path, self.config, self.modules(), overwrite=overwrite)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"unet": self.unet, "autoencoder": self.autoencoder, "text_encoder": self.text_encoder}
-
-    def to(self, device=None, dtype=None) -> LatentDiffusionPipeline:
-        for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
-        if device is not None:
-            self.schedule = self.schedule.to(device)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def default_scale(self) -> float:
-        return self.config.guidance_scale
+    def build_modules(cls, config: LatentDiffusionConfig) -> dict[str, torch.nn.Module]:
+        return {"unet": UNetModel(config.unet), "autoencoder": AutoencoderKL(config.autoencoder),
+                "text_encoder": build_text_encoder(config.text_encoder)}
 
     @property
     def size_multiple(self) -> int:

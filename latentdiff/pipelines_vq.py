@@ -34,11 +34,10 @@ from latentdiff.config import VQDiffusionConfig
 from latentdiff.diffusion.discrete import DiscreteSchedule
 from latentdiff.diffusion.discrete_sampling import learned_classifier_free_guidance, sample
 from latentdiff.diffusion.samplers import SAMPLERS
-from latentdiff.io.checkpoint import CheckpointError, empty_parameters, load_into, save_model_file
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.pipelines import GenerationParams, register_pipeline, to_pil
+from latentdiff.pipelines import GenerationParams, Pipeline, register_pipeline, to_pil
 
 SAMPLER_NAME = "VQ-Diffusion"
 
@@ -58,10 +57,11 @@ class VQGenerationParams(GenerationParams):
         return text
 
 
-class VQDiffusionPipeline:
+class VQDiffusionPipeline(Pipeline):
     """VQ autoencoder + text encoder + VQ-Diffusion transformer + mask-and-replace schedule."""
 
     components = ("vqvae", "transformer", "text_encoder")
+    main_component = "transformer"
 
     def __init__(self, config: VQDiffusionConfig, vqvae: VQAutoencoder, transformer: VQDiffusionTransformer,
                  text_encoder: torch.nn.Module, name: str = ""):
@@ -72,62 +72,22 @@ class VQDiffusionPipeline:
         self.schedule = DiscreteSchedule.from_config(config.schedule, config.vqvae.num_codes, device=self.device)
         self.name = name
 
-    # -- construction ------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: VQDiffusionConfig, name: str = "") -> VQDiffusionPipeline:
-        """Random weights (for tests and as the start of training)."""
-        return cls(config, VQAutoencoder(config.vqvae), VQDiffusionTransformer(config.transformer),
-                   build_text_encoder(config.text_encoder), name=name)
+    def build_modules(cls, config: VQDiffusionConfig) -> dict[str, torch.nn.Module]:
+        return {"vqvae": VQAutoencoder(config.vqvae), "transformer": VQDiffusionTransformer(config.transformer),
+                "text_encoder": build_text_encoder(config.text_encoder)}
 
     @classmethod
-    def from_parts(cls, config: VQDiffusionConfig, parts: dict[str, dict], name: str = "") -> VQDiffusionPipeline:
-        """Build from state dicts: modules are built with empty (meta) parameters and take the loaded tensors by
-        assignment, so the weights are held once, in the file's dtype, and nothing is randomly initialised."""
-        missing = [c for c in cls.components if c not in parts]
-        if missing:
-            hint = (" (a VQ autoencoder alone, as a vqvae training run exports, is used through "
-                    "objective.vqvae_checkpoint)" if set(parts) == {"vqvae"} else "")
-            raise CheckpointError(f"model file has no {missing} weights{hint}")
-        with empty_parameters():
-            modules = {"vqvae": VQAutoencoder(config.vqvae), "transformer": VQDiffusionTransformer(config.transformer),
-                       "text_encoder": build_text_encoder(config.text_encoder)}
-        for component, module in modules.items():
-            load_into(module, parts[component], component, assign=True)
-            left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-            if left:
-                raise CheckpointError(f"{component}: tensors not provided by the file: {left[:5]}")
-        return cls(config, **modules, name=name)
-
-    def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write the project's single-file ``.safetensors`` (weights + config), read back by ``load_pipeline``."""
-        return save_model_file(path, self.config, self.modules(), overwrite=overwrite)
-
-    def modules(self) -> dict[str, torch.nn.Module]:
-        return {"vqvae": self.vqvae, "transformer": self.transformer, "text_encoder": self.text_encoder}
-
-    def to(self, device=None, dtype=None) -> VQDiffusionPipeline:
-        for m in self.modules().values():
-            m.to(device=device, dtype=dtype)
-        if device is not None:
-            self.schedule = self.schedule.to(self.device)
-        return self
+    def missing_hint(cls, parts: dict[str, dict]) -> str:
+        if set(parts) == {"vqvae"}:
+            return (" (a VQ autoencoder alone, as a vqvae training run exports, is used through "
+                    "objective.vqvae_checkpoint)")
+        return ""
 
     @property
     def autoencoder(self) -> VQAutoencoder:
         """The VQ autoencoder, under the name the continuous pipeline uses."""
         return self.vqvae
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    @property
-    def default_scale(self) -> float:
-        return self.config.guidance_scale
 
     @property
     def size_multiple(self) -> int:

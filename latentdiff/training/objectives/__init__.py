@@ -39,6 +39,16 @@ class Objective(nn.Module):
         self.ema_names: tuple[str, ...] = ()
         self.frozen: dict[str, nn.Module] = {}
 
+    def add_text_encoder(self, text_encoder: nn.Module, trainable: bool, layer: str) -> None:
+        """Register a conditioning text encoder as trained (optimised, EMA'd) or frozen. A trained encoder whose
+        ``penultimate`` layer feeds the model leaves its last block without gradient, which DDP must know."""
+        if trainable:
+            self.trainable["text_encoder"] = text_encoder
+        else:
+            self.frozen["text_encoder"] = freeze(text_encoder)
+        self.ema_names = tuple(self.trainable)
+        self.find_unused_parameters = trainable and layer == "penultimate"
+
     def optimizer_params(self) -> dict[str, tuple[list[nn.Parameter], dict]]:
         """Optimizer name -> (parameters, AdamW overrides such as ``lr``/``betas``). Default: one optimizer."""
         params = [p for m in self.trainable.values() for p in m.parameters() if p.requires_grad]

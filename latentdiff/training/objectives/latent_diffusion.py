@@ -72,13 +72,7 @@ class LatentDiffusionObjective(Objective):
             load_into(self.autoencoder, ae_state, f"autoencoder of {cfg.autoencoder_checkpoint}")
         self.frozen["autoencoder"] = self.autoencoder
         self.trainable = {"unet": self.unet}
-        if cfg.train_text_encoder:
-            self.trainable["text_encoder"] = self.text_encoder
-        else:
-            self.frozen["text_encoder"] = freeze(self.text_encoder)
-        self.ema_names = tuple(self.trainable)
-        # a trainable encoder whose last block is skipped leaves parameters without gradient
-        self.find_unused_parameters = cfg.train_text_encoder and model_cfg.text_encoder.layer == "penultimate"
+        self.add_text_encoder(self.text_encoder, cfg.train_text_encoder, model_cfg.text_encoder.layer)
         self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
 
     def _schedule_on(self, device: torch.device) -> DiffusionSchedule:

@@ -132,13 +132,7 @@ class VQDiffusionObjective(Objective):
             load_into(self.vqvae, vq_state, f"vqvae of {cfg.vqvae_checkpoint}")
         self.frozen["vqvae"] = self.vqvae
         self.trainable = {"transformer": self.transformer}
-        if cfg.train_text_encoder:
-            self.trainable["text_encoder"] = self.text_encoder
-        else:
-            self.frozen["text_encoder"] = freeze(self.text_encoder)
-        self.ema_names = tuple(self.trainable)
-        # a trainable encoder whose last block is skipped leaves parameters without gradient
-        self.find_unused_parameters = cfg.train_text_encoder and model_cfg.text_encoder.layer == "penultimate"
+        self.add_text_encoder(self.text_encoder, cfg.train_text_encoder, model_cfg.text_encoder.layer)
         self.schedule = DiscreteSchedule.from_config(model_cfg.schedule, model_cfg.vqvae.num_codes)
         self.timestep_sampler = SyncedTimestepSampler(model_cfg.schedule.num_timesteps)
 

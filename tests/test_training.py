@@ -211,3 +211,16 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     assert (ckpts / "abandoned-step_00000002.pt").is_file()
     older.run()
     assert [s for s, _ in list_checkpoints(ckpts)] == [2, 1]
+
+
+def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path):
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={make_shards(tmp_path / 'shards')}", "sample_every=0",
+                                        "checkpoint_every=100", "log_every=100", "steps=50",
+                                        "objective.disc_weight=0"])
+    trainer = Trainer(cfg, tmp_path / "run", resume="none", progress=False, max_minutes=1e-9)
+    record = trainer.run()
+    assert trainer.stopped_by_time and trainer.step == 1 and record["step"] == 1  # logged although 1 % 100 != 0
+    assert [s for s, _ in list_checkpoints(trainer.outdir / "checkpoints")] == [1]
+    assert load_model_file(trainer.outdir / "model.safetensors")[2]["step"] == "1"
+    resumed = Trainer(cfg, trainer.outdir, resume="auto", progress=False)  # no budget: runs on to cfg.steps
+    assert resumed.step == 1 and resumed.stop_step == 50 and not resumed.stopped_by_time

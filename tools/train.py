@@ -15,6 +15,9 @@ Examples (CIFAR-10 recipe: first the autoencoder, then the latent diffusion mode
     # override any config value with dotted keys; stop early (the LR schedule still spans `steps`)
     python tools/train.py --config configs/cifar10_ldm.yaml --set optim.lr=2e-4 --set data.batch_size=64 --max-steps 100
 
+    # stop cleanly after a wall-clock budget (a scheduler's time limit): checkpoint + export, exit 0
+    python tools/train.py --config configs/cifar10_ldm.yaml --max-minutes 50
+
     # resume: `auto` (default) continues from the newest complete checkpoint in --outdir after any kill
     python tools/train.py --config configs/cifar10_ldm.yaml --outdir runs/cifar10_ldm --resume auto
 
@@ -48,10 +51,15 @@ def main(argv=None) -> None:
                                                         "any), 'none' (fresh run) or a checkpoint path")
     parser.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step "
                                                                    "(default: the config's steps)")
+    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the training "
+                        "loop: after the step that passes it, log, sample, checkpoint and export, then exit 0 "
+                        "(the LR schedule still spans the config's steps; default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.max_steps is not None and args.max_steps < 0:
         fail(f"--max-steps {args.max_steps} must be >= 0")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        fail(f"--max-minutes {args.max_minutes} must be > 0")
 
     from latentdiff.config import load_train_config
     from latentdiff.data.stats import DataError
@@ -70,7 +78,7 @@ def main(argv=None) -> None:
     try:
         dist = init_distributed(cfg.device)
         trainer = Trainer(cfg, outdir, dist, resume=args.resume, max_steps=args.max_steps,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, max_minutes=args.max_minutes)
         if trainer.resumed_from is not None and dist.is_main:
             print(f"resumed from {trainer.resumed_from} (step {trainer.step})", file=sys.stderr)
         record = trainer.run()
@@ -86,7 +94,8 @@ def main(argv=None) -> None:
             dist.close()
     if trainer.dist.is_main:
         summary = ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k.startswith("loss"))
-        print(f"done: step {trainer.step}, {summary}; model: {outdir / 'model.safetensors'}", file=sys.stderr)
+        why = f" (--max-minutes {args.max_minutes:g} reached)" if trainer.stopped_by_time else ""
+        print(f"done: step {trainer.step}{why}, {summary}; model: {outdir / 'model.safetensors'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -77,16 +77,20 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
 class Trainer:
     """``Trainer(cfg, outdir, dist).run()``; ``resume`` is ``auto`` (newest complete checkpoint in ``outdir``, if
     any), ``none`` (fresh; refuses an ``outdir`` that has checkpoints) or a checkpoint path. ``max_steps`` stops
-    the run early (the LR schedule still spans ``cfg.steps``)."""
+    the run early (the LR schedule still spans ``cfg.steps``); so does ``max_minutes``, a wall-clock budget for
+    this process's training loop (checked after every step; rank 0 decides for all ranks), after which the run
+    logs, samples, checkpoints and exports as at its last step."""
 
     def __init__(self, cfg, outdir: str | Path, dist: DistContext | None = None, resume: str = "auto",
-                 max_steps: int | None = None, progress: bool = True):
+                 max_steps: int | None = None, progress: bool = True, max_minutes: float | None = None):
         self.cfg = cfg
         self.dist = dist = dist or DistContext()
         self.device = dist.device
         self.outdir = Path(outdir)
         self.ckpt_dir = self.outdir / "checkpoints"
         self.stop_step = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
+        self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
+        self.stopped_by_time = False
         self.progress = progress and dist.is_main
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
 
@@ -281,7 +285,7 @@ class Trainer:
                 acc[k][0] += v
                 acc[k][1] += 1
             bar.update(1)
-            last = self.step == self.stop_step
+            last = self.step == self.stop_step or self._out_of_time()
             if self.step % cfg.log_every == 0 or last:
                 record = self._log_record(acc, t_log, s_log)
                 acc, t_log, s_log = {}, time.perf_counter(), self.samples
@@ -296,6 +300,17 @@ class Trainer:
             self.export()
         dist.barrier()
         return record
+
+    def _out_of_time(self) -> bool:
+        if self.max_seconds is None:
+            return False
+        over = time.perf_counter() - self._t_start >= self.max_seconds
+        if self.dist.enabled:  # every rank must stop after the same step
+            over = bool(self.dist.broadcast_object(over))
+        if over:
+            self.stopped_by_time = True
+            self.stop_step = self.step
+        return over
 
     def _log_record(self, acc: dict, t_log: float, s_log: int) -> dict:
         """Average the interval's metrics over steps and ranks; rank 0 appends them to the log and the plot."""

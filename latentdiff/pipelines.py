@@ -192,8 +192,11 @@ class LatentDiffusionPipeline(Pipeline):
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 25,
                  scale: float | None = None, sampler: str = "ddim", seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
-                 callback: Callable | None = None) -> tuple[torch.Tensor, list[GenerationParams]]:
-        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each."""
+                 callback: Callable | None = None, output_type: str = "image",
+                 ) -> tuple[torch.Tensor, list[GenerationParams]]:
+        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
+        the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images)."""
+        check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scale = self.default_scale if scale is None else scale
         if not prompts:
@@ -236,10 +239,11 @@ class LatentDiffusionPipeline(Pipeline):
         z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
                     model_kwargs=kwargs)
-        images = self.autoencoder.decode(z0.to(dtype)).float()  # (N, 3, H, W)
         params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name)
                   for p, n, sd in zip(prompts, negatives, seeds)]
-        return images, params
+        if output_type == "latent":
+            return z0.float(), params
+        return self.autoencoder.decode(z0.to(dtype)).float(), params  # (N, 3, H, W)
 
     def __call__(self, prompt, **kwargs) -> list[Image.Image]:
         images, params = self.generate(prompt, **kwargs)
@@ -247,6 +251,11 @@ class LatentDiffusionPipeline(Pipeline):
         for im, p in zip(pil, params):
             im.info["parameters"] = p.to_text()
         return pil
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in ("image", "latent"):
+        raise ValueError(f"output_type={output_type!r} must be 'image' or 'latent'")
 
 
 def _broadcast_negative(negative_prompt, n: int) -> list[str]:

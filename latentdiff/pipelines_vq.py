@@ -37,7 +37,7 @@ from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.pipelines import GenerationParams, Pipeline, register_pipeline, to_pil
+from latentdiff.pipelines import GenerationParams, Pipeline, check_output_type, register_pipeline, to_pil
 
 SAMPLER_NAME = "VQ-Diffusion"
 
@@ -121,12 +121,15 @@ class VQDiffusionPipeline(Pipeline):
                  steps: int | None = None, scale: float | None = None, sampler: str | None = None,
                  seed: int | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, truncation: float | None = None, eta: float = 0.0,
-                 callback: Callable | None = None) -> tuple[torch.Tensor, list[VQGenerationParams]]:
-        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each.
+                 callback: Callable | None = None, output_type: str = "image",
+                 ) -> tuple[torch.Tensor, list[VQGenerationParams]]:
+        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
+        the sampled code grids (N, h, w) long instead (``self.vqvae.decode_codes`` makes the images).
 
         ``steps``: network calls (default: T, the full chain). ``callback(i, steps, codes)`` after each call,
         codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0.
         """
+        check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("no prompt given")
@@ -167,11 +170,12 @@ class VQDiffusionPipeline(Pipeline):
         codes = sample(guided, self.schedule, (N, S * S), steps=steps, truncation_rate=truncation,
                        generator=torch.Generator(self.device).manual_seed(seed), callback=step_callback,
                        model_kwargs={"context": context})  # (N, S*S)
-        images = self.vqvae.decode_codes(codes.view(N, S, S)).float()  # (N, 3, H, W)
         params = [VQGenerationParams(p, "", steps, SAMPLER_NAME, scale, seed, width, height, model=self.name,
                                      truncation=truncation, batch_size=N, batch_pos=i)
                   for i, p in enumerate(prompts)]
-        return images, params
+        if output_type == "latent":
+            return codes.view(N, S, S), params
+        return self.vqvae.decode_codes(codes.view(N, S, S)).float(), params  # (N, 3, H, W)
 
     def __call__(self, prompt, **kwargs) -> list[Image.Image]:
         images, params = self.generate(prompt, **kwargs)

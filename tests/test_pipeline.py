@@ -38,6 +38,16 @@ def test_seed_reproduces_each_image_alone(pipe):
     torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
 
 
+def test_latent_output_decodes_to_the_images(pipe):
+    images, _ = pipe.generate("a cat", steps=3, seed=4, num_images_per_prompt=2)
+    latents, params = pipe.generate("a cat", steps=3, seed=4, num_images_per_prompt=2, output_type="latent")
+    C, f = pipe.config.autoencoder.embed_dim, pipe.config.autoencoder.downsample_factor
+    size = pipe.config.image_size // f
+    assert latents.shape == (2, C, size, size) and len(params) == 2
+    with torch.inference_mode():
+        torch.testing.assert_close(pipe.autoencoder.decode(latents), images)
+
+
 def test_scale_one_equals_conditional_only(pipe):
     a, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0)
     b, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0, negative_prompt="ignored without guidance")
@@ -51,6 +61,7 @@ def test_scale_one_equals_conditional_only(pipe):
     ({"steps": 101}, "steps=101"),
     ({"sampler": "plms"}, "unknown sampler 'plms'"),
     ({"negative_prompt": ["a", "b"]}, "2 negative prompts given for 1 prompts"),
+    ({"output_type": "np"}, "output_type='np' must be 'image' or 'latent'"),
 ])
 def test_bad_arguments(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -64,6 +64,8 @@ def test_exposes_parts_and_generates_valid_codes_and_images(pipe):
     with torch.no_grad():
         expected = pipe.vqvae.decode_codes(codes.view(4, S, S))
     torch.testing.assert_close(images, expected)
+    latent, _ = pipe.generate(["a cat", "a dog"], steps=5, seed=1, num_images_per_prompt=2, output_type="latent")
+    assert torch.equal(latent, codes.view(4, S, S))
     pil = pipe(["a cat", "a dog"], steps=5, seed=1, num_images_per_prompt=2)
     assert len(pil) == 4 and pil[0].size == (16, 16) and pil[0].mode == "RGB"
     text = parse_parameters(pil[3].info["parameters"])
@@ -146,6 +148,7 @@ def test_without_learned_null_context_guidance_uses_the_empty_prompt():
     ({"eta": 0.5}, "eta=0.5 applies to DDIM only"),
     ({"num_images_per_prompt": 0}, "num_images_per_prompt=0"),
     ({"prompt": []}, "no prompt given"),
+    ({"output_type": "pil"}, "output_type='pil' must be"),
 ])
 def test_bad_arguments(pipe, kwargs, message):
     kwargs = {"prompt": "a cat", **kwargs}

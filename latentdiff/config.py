@@ -581,13 +581,12 @@ class EMAConfig:
 
 
 @dataclass
-class AutoencoderKLObjectiveConfig:
-    """KL autoencoder loss (LDM's ``LPIPSWithDiscriminator``): per-image summed reconstruction error + KL,
-    optional LPIPS and patch-GAN (``disc_weight`` 0 disables the discriminator)."""
+class _AutoencoderLossConfig:
+    """What the KL and VQ autoencoder losses share: a pixel reconstruction term, optional LPIPS and an optional
+    patch-GAN (``disc_weight`` 0 disables the discriminator, ``perceptual_weight`` 0 LPIPS)."""
 
-    type: str = "autoencoder_kl"
+    type: str = ""
     reconstruction: str = "l1"  # l1 | l2
-    kl_weight: float = 1e-6
     perceptual_weight: float = 0.0  # LPIPS; needs local weights (see training/objectives/perceptual.py)
     lpips_weights: str | None = None  # LPIPS linear layers (lpips' vgg.pth); null: the lpips package's copy
     vgg_weights: str | None = None  # torchvision VGG16; null: torch hub cache checkpoints/vgg16-397923af.pth
@@ -600,16 +599,40 @@ class AutoencoderKLObjectiveConfig:
     adaptive_weight: bool = True  # Taming Eq. 7
     sample_images: int = 8  # images in each reconstruction grid
 
-    def __post_init__(self):
-        _check(self.type == "autoencoder_kl", f"objective.type={self.type!r} must be 'autoencoder_kl'")
+    def _check_common(self, kind: str, weights: tuple[str, ...]) -> None:
+        _check(self.type == kind, f"objective.type={self.type!r} must be {kind!r}")
         _check_choice("objective.reconstruction", self.reconstruction, ("l1", "l2"))
-        for name in ("kl_weight", "perceptual_weight", "disc_weight", "disc_start"):
+        for name in (*weights, "perceptual_weight", "disc_weight", "disc_start"):
             _check(getattr(self, name) >= 0, f"objective.{name}={getattr(self, name)!r} must be >= 0")
         _check_positive("objective.disc_layers", self.disc_layers)
         _check_positive("objective.disc_channels", self.disc_channels)
         _check(self.disc_lr is None or self.disc_lr > 0, f"objective.disc_lr={self.disc_lr!r} must be > 0")
         _check(len(self.disc_betas) == 2, f"objective.disc_betas={self.disc_betas!r} must be two numbers")
         _check_positive("objective.sample_images", self.sample_images)
+
+
+@dataclass
+class AutoencoderKLObjectiveConfig(_AutoencoderLossConfig):
+    """KL autoencoder loss (LDM's ``LPIPSWithDiscriminator``): per-image summed reconstruction error + KL,
+    optional LPIPS and patch-GAN."""
+
+    type: str = "autoencoder_kl"
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        self._check_common("autoencoder_kl", ("kl_weight",))
+
+
+@dataclass
+class VQVAEObjectiveConfig(_AutoencoderLossConfig):
+    """VQ autoencoder loss; ``model`` is a ``vq_diffusion`` model config whose ``vqvae`` part is trained
+    (the rest only has to be valid)."""
+
+    type: str = "vqvae"
+    vq_weight: float = 1.0  # weight of the codebook + commitment loss (taming's codebook_weight)
+
+    def __post_init__(self):
+        self._check_common("vqvae", ("vq_weight",))
 
 
 @dataclass
@@ -636,13 +659,42 @@ class LatentDiffusionObjectiveConfig:
         _check_positive("objective.sample_steps", self.sample_steps)
 
 
+@dataclass
+class VQDiffusionObjectiveConfig:
+    """VQ-Diffusion loss on the codes of a frozen VQ autoencoder (caption dropout: ``data.caption_dropout``)."""
+
+    type: str = "vq_diffusion"
+    vqvae_checkpoint: str | None = None  # model file of a vqvae run; null: random (tests only)
+    train_text_encoder: bool = True
+    importance_sampling: bool = True  # loss-aware sampling of t (official VQ-Diffusion)
+    auxiliary_loss_weight: float = 5e-4  # λ of the x0 term (Gu et al. Eq. 12)
+    adaptive_auxiliary_loss: bool = True  # weight the x0 term by 2 - t/T
+    mask_weight: list[float] = field(default_factory=lambda: [1.0, 1.0])  # KL weights at [MASK] / other tokens
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a photo of a ship"])
+    sample_steps: int = 25
+    sample_scale: float = 3.0
+    sample_truncation: float | None = None  # null: model.truncation_rate
+    sample_seed: int = 0
+
+    def __post_init__(self):
+        if self.type != "vq_diffusion":
+            raise ValueError(f"objective.type={self.type!r} must be 'vq_diffusion'")
+        if self.auxiliary_loss_weight < 0:
+            raise ValueError(f"objective.auxiliary_loss_weight={self.auxiliary_loss_weight!r} must be >= 0")
+        if len(self.mask_weight) != 2 or any(w < 0 for w in self.mask_weight):
+            raise ValueError(f"objective.mask_weight={self.mask_weight!r} must be two numbers >= 0")
+        if not self.sample_prompts:
+            raise ValueError("objective.sample_prompts must not be empty")
+        if self.sample_steps <= 0:
+            raise ValueError(f"objective.sample_steps={self.sample_steps!r} must be > 0")
+        if self.sample_truncation is not None and not 0 < self.sample_truncation <= 1:
+            raise ValueError(f"objective.sample_truncation={self.sample_truncation!r} must be in (0, 1]")
+
+
 OBJECTIVE_CONFIGS: dict[str, type] = {"autoencoder_kl": AutoencoderKLObjectiveConfig,
-                                      "latent_diffusion": LatentDiffusionObjectiveConfig}
-
-
-def register_objective_config(name: str, cls: type) -> None:
-    """Add a training objective config class (used by the VQ-Diffusion path)."""
-    OBJECTIVE_CONFIGS[name] = cls
+                                      "latent_diffusion": LatentDiffusionObjectiveConfig,
+                                      "vqvae": VQVAEObjectiveConfig,
+                                      "vq_diffusion": VQDiffusionObjectiveConfig}
 
 
 @dataclass

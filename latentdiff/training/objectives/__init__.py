@@ -2,7 +2,8 @@
 
 An :class:`Objective` is an ``nn.Module`` that owns the networks of one model kind (trainable and frozen), so the
 trainer wraps it whole in ``DistributedDataParallel`` and runs one loop for every kind. The registry maps the
-config ``type`` to the class; the VQ path registers its own objectives with :func:`register_objective`.
+config ``type`` to the class; each objective module registers its class with :func:`register_objective` when
+:func:`build_objective` imports it.
 """
 
 from __future__ import annotations
@@ -113,7 +114,3 @@ def check_model_config(train_cfg, cls: type) -> None:
         raise ValueError(f"objective.type={train_cfg.objective.type!r} trains a {cls.__name__} model, but "
                          f"model.type is {train_cfg.model.type!r}")
 
-
-# The VQ objectives keep their config classes beside them (registered with config.register_objective_config);
-# importing them with this package registers those before any training config is read.
-from latentdiff.training.objectives import vq_diffusion, vqvae  # noqa: E402,F401  (registration)

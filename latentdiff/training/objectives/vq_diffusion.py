@@ -24,51 +24,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from latentdiff.config import VQDiffusionConfig, register_objective_config
+from latentdiff.config import VQDiffusionConfig
 from latentdiff.diffusion.discrete import DiscreteSchedule, ImportanceTimestepSampler, vq_diffusion_loss
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
 from latentdiff.models.text import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
 from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
-
-
-@dataclass
-class VQDiffusionObjectiveConfig:
-    """VQ-Diffusion loss on the codes of a frozen VQ autoencoder (caption dropout: ``data.caption_dropout``)."""
-
-    type: str = "vq_diffusion"
-    vqvae_checkpoint: str | None = None  # model file of a vqvae run; null: random (tests only)
-    train_text_encoder: bool = True
-    importance_sampling: bool = True  # loss-aware sampling of t (official VQ-Diffusion)
-    auxiliary_loss_weight: float = 5e-4  # λ of the x0 term (Gu et al. Eq. 12)
-    adaptive_auxiliary_loss: bool = True  # weight the x0 term by 2 - t/T
-    mask_weight: list[float] = field(default_factory=lambda: [1.0, 1.0])  # KL weights at [MASK] / other tokens
-    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a photo of a ship"])
-    sample_steps: int = 25
-    sample_scale: float = 3.0
-    sample_truncation: float | None = None  # null: model.truncation_rate
-    sample_seed: int = 0
-
-    def __post_init__(self):
-        if self.type != "vq_diffusion":
-            raise ValueError(f"objective.type={self.type!r} must be 'vq_diffusion'")
-        if self.auxiliary_loss_weight < 0:
-            raise ValueError(f"objective.auxiliary_loss_weight={self.auxiliary_loss_weight!r} must be >= 0")
-        if len(self.mask_weight) != 2 or any(w < 0 for w in self.mask_weight):
-            raise ValueError(f"objective.mask_weight={self.mask_weight!r} must be two numbers >= 0")
-        if not self.sample_prompts:
-            raise ValueError("objective.sample_prompts must not be empty")
-        if self.sample_steps <= 0:
-            raise ValueError(f"objective.sample_steps={self.sample_steps!r} must be > 0")
-        if self.sample_truncation is not None and not 0 < self.sample_truncation <= 1:
-            raise ValueError(f"objective.sample_truncation={self.sample_truncation!r} must be in (0, 1]")
 
 
 class SyncedTimestepSampler(ImportanceTimestepSampler):
@@ -211,5 +178,4 @@ def _read_vqvae(path: str):
     return cfg.vqvae, parts["vqvae"]
 
 
-register_objective_config("vq_diffusion", VQDiffusionObjectiveConfig)
 register_objective("vq_diffusion", VQDiffusionObjective)

@@ -25,52 +25,14 @@ Logged besides the losses: codebook ``usage`` (share of the codes used by the ba
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import torch
 
-from latentdiff.config import VQDiffusionConfig, register_objective_config
+from latentdiff.config import VQDiffusionConfig
 from latentdiff.models.vqvae import VQAutoencoder
 from latentdiff.training.objectives import Objective, check_model_config, register_objective
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from latentdiff.training.objectives.perceptual import LPIPS
-
-
-@dataclass
-class VQVAEObjectiveConfig:
-    """VQ autoencoder loss; ``model`` is a ``vq_diffusion`` model config whose ``vqvae`` part is trained
-    (the rest only has to be valid). ``disc_weight`` 0 disables the discriminator, ``perceptual_weight`` 0 LPIPS."""
-
-    type: str = "vqvae"
-    reconstruction: str = "l1"  # l1 | l2
-    vq_weight: float = 1.0  # weight of the codebook + commitment loss (taming's codebook_weight)
-    perceptual_weight: float = 0.0  # LPIPS; needs local weights (see training/objectives/perceptual.py)
-    lpips_weights: str | None = None
-    vgg_weights: str | None = None
-    disc_weight: float = 0.0
-    disc_start: int = 0  # optimizer step at which the adversarial terms switch on
-    disc_layers: int = 3
-    disc_channels: int = 64
-    disc_lr: float | None = None  # null: optim.lr
-    disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    adaptive_weight: bool = True  # Taming Eq. 7
-    sample_images: int = 8  # images in each reconstruction grid
-
-    def __post_init__(self):
-        if self.type != "vqvae":
-            raise ValueError(f"objective.type={self.type!r} must be 'vqvae'")
-        if self.reconstruction not in ("l1", "l2"):
-            raise ValueError(f"objective.reconstruction={self.reconstruction!r} is not one of ['l1', 'l2']")
-        for name in ("vq_weight", "perceptual_weight", "disc_weight", "disc_start"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"objective.{name}={getattr(self, name)!r} must be >= 0")
-        for name in ("disc_layers", "disc_channels", "sample_images"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"objective.{name}={getattr(self, name)!r} must be > 0")
-        if self.disc_lr is not None and self.disc_lr <= 0:
-            raise ValueError(f"objective.disc_lr={self.disc_lr!r} must be > 0")
-        if len(self.disc_betas) != 2:
-            raise ValueError(f"objective.disc_betas={self.disc_betas!r} must be two numbers")
 
 
 class VQVAEObjective(Objective):
@@ -150,5 +112,4 @@ class VQVAEObjective(Objective):
         return self.model_cfg, {"vqvae": self.vqvae}
 
 
-register_objective_config("vqvae", VQVAEObjectiveConfig)
 register_objective("vqvae", VQVAEObjective)

@@ -119,6 +119,16 @@ def test_ranks_and_workers_with_a_real_dataloader(shards):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_reading_leaves_the_global_rng_alone(shards, workers):
+    folder, _ = shards
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    assert len(list(make_dataloader(cfg(folder, num_workers=workers), epoch=1))) > 0
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_exact_resume(shards, workers):
     folder, _ = shards
     c = cfg(folder, num_workers=workers, caption_dropout=0.5)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 
-import torch
-
 from latentdiff.data.reader import make_dataloader
 from latentdiff.data.stats import DataStats
 
@@ -32,11 +30,7 @@ class BatchFeed:
     def __next__(self) -> dict:
         if self._iter is None:
             self._iter = self._batches()
-        # A DataLoader draws its workers' base seed from the global torch RNG when an epoch's iterator starts;
-        # shield the training RNG from it, so that a resumed run (which starts its iterator at another step)
-        # draws the same noise as an uninterrupted one.
-        with torch.random.fork_rng(devices=[]):
-            return next(self._iter)
+        return next(self._iter)  # the reader never draws on the global RNG (its DataLoader has its own generator)
 
     def __iter__(self) -> BatchFeed:
         return self

@@ -25,44 +25,15 @@ import torch
 
 from latentdiff.config import LatentDiffusionConfig
 from latentdiff.models.autoencoder_kl import AutoencoderKL
-from latentdiff.training.objectives import Objective, check_model_config, register_objective
-from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from latentdiff.training.objectives.perceptual import LPIPS
+from latentdiff.training.objectives import check_model_config, register_objective
+from latentdiff.training.objectives.autoencoder_base import AutoencoderObjective
 
 
-class AutoencoderKLObjective(Objective):
+class AutoencoderKLObjective(AutoencoderObjective):
     def __init__(self, train_cfg):
-        super().__init__()
         check_model_config(train_cfg, LatentDiffusionConfig)
-        self.model_cfg = copy.deepcopy(train_cfg.model)
-        self.cfg = cfg = train_cfg.objective
-        if train_cfg.gradient_checkpointing:
-            raise ValueError("gradient_checkpointing is not supported by the autoencoder_kl objective; "
-                             "set gradient_checkpointing=false")
-        ae_cfg = self.model_cfg.autoencoder
-        self.autoencoder = AutoencoderKL(ae_cfg)
-        self.trainable = {"autoencoder": self.autoencoder}
-        self.ema_names = ("autoencoder",)
-        if cfg.perceptual_weight > 0:
-            self.lpips = LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights)
-            self.frozen["lpips"] = self.lpips
-        if cfg.disc_weight > 0:
-            self.discriminator = PatchDiscriminator(ae_cfg.out_channels, cfg.disc_channels, cfg.disc_layers)
-            self.trainable["discriminator"] = self.discriminator
-            self.find_unused_parameters = cfg.disc_start > 0  # D is idle before disc_start
-            size = self.model_cfg.image_size
-            if size < self.discriminator.min_input_size():
-                raise ValueError(f"objective.disc_layers={cfg.disc_layers} needs images of at least "
-                                 f"{self.discriminator.min_input_size()} px, model image_size is {size}")
-
-    def optimizer_params(self):
-        groups = {"main": (list(self.autoencoder.parameters()), {})}
-        if self.cfg.disc_weight > 0:
-            overrides = {"betas": tuple(self.cfg.disc_betas)}
-            if self.cfg.disc_lr is not None:
-                overrides["lr"] = self.cfg.disc_lr
-            groups["discriminator"] = (list(self.discriminator.parameters()), overrides)
-        return groups
+        model_cfg = copy.deepcopy(train_cfg.model)
+        super().__init__(train_cfg, model_cfg, "autoencoder", AutoencoderKL(model_cfg.autoencoder))
 
     def forward(self, batch: dict, step: int):
         cfg = self.cfg
@@ -84,21 +55,7 @@ class AutoencoderKLObjective(Objective):
         kl = posterior.kl().float().mean()
         loss = rec_loss + cfg.kl_weight * kl
         logs["kl"] = kl.detach()
-        # 3.-4. adversarial terms
-        if cfg.disc_weight > 0 and step >= cfg.disc_start:
-            self.discriminator.requires_grad_(False)
-            g_loss = -self.discriminator(recon).float().mean()
-            self.discriminator.requires_grad_(True)
-            if cfg.adaptive_weight and self.training and torch.is_grad_enabled():
-                last = self.autoencoder.decoder.conv_out.weight
-                d_weight = adaptive_weight(rec_loss, g_loss, last) * cfg.disc_weight
-            else:
-                d_weight = torch.tensor(cfg.disc_weight, device=x.device)
-            logits_real = self.discriminator(x.detach()).float()
-            logits_fake = self.discriminator(recon.detach()).float()
-            d_loss = hinge_d_loss(logits_real, logits_fake)
-            loss = loss + d_weight * g_loss + d_loss
-            logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
+        loss = loss + self.adversarial_loss(x, recon, rec_loss, step, logs)  # 3.-4.
         return loss, logs
 
     @torch.no_grad()
@@ -107,9 +64,6 @@ class AutoencoderKLObjective(Objective):
         x = batch["image"][: self.cfg.sample_images]
         recon, _ = self.autoencoder(x, sample_posterior=False)
         return torch.cat([x, recon.float().clamp(-1, 1)]), x.shape[0]
-
-    def export(self):
-        return self.model_cfg, {"autoencoder": self.autoencoder}
 
 
 register_objective("autoencoder_kl", AutoencoderKLObjective)

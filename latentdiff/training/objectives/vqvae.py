@@ -30,44 +30,15 @@ import torch
 
 from latentdiff.config import VQDiffusionConfig
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.training.objectives import Objective, check_model_config, register_objective
-from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from latentdiff.training.objectives.perceptual import LPIPS
+from latentdiff.training.objectives import check_model_config, register_objective
+from latentdiff.training.objectives.autoencoder_base import AutoencoderObjective
 
 
-class VQVAEObjective(Objective):
+class VQVAEObjective(AutoencoderObjective):
     def __init__(self, train_cfg):
-        super().__init__()
         check_model_config(train_cfg, VQDiffusionConfig)
-        self.model_cfg = copy.deepcopy(train_cfg.model)
-        self.cfg = cfg = train_cfg.objective
-        if train_cfg.gradient_checkpointing:
-            raise ValueError("gradient_checkpointing is not supported by the vqvae objective; "
-                             "set gradient_checkpointing=false")
-        self.vqvae = VQAutoencoder(self.model_cfg.vqvae)
-        self.trainable = {"vqvae": self.vqvae}
-        self.ema_names = ("vqvae",)
-        if cfg.perceptual_weight > 0:
-            self.lpips = LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights)
-            self.frozen["lpips"] = self.lpips
-        if cfg.disc_weight > 0:
-            self.discriminator = PatchDiscriminator(self.model_cfg.vqvae.out_channels, cfg.disc_channels,
-                                                    cfg.disc_layers)
-            self.trainable["discriminator"] = self.discriminator
-            self.find_unused_parameters = cfg.disc_start > 0  # D is idle before disc_start
-            size = self.model_cfg.image_size
-            if size < self.discriminator.min_input_size():
-                raise ValueError(f"objective.disc_layers={cfg.disc_layers} needs images of at least "
-                                 f"{self.discriminator.min_input_size()} px, model image_size is {size}")
-
-    def optimizer_params(self):
-        groups = {"main": ([p for p in self.vqvae.parameters() if p.requires_grad], {})}  # an EMA codebook is not
-        if self.cfg.disc_weight > 0:
-            overrides = {"betas": tuple(self.cfg.disc_betas)}
-            if self.cfg.disc_lr is not None:
-                overrides["lr"] = self.cfg.disc_lr
-            groups["discriminator"] = (list(self.discriminator.parameters()), overrides)
-        return groups
+        model_cfg = copy.deepcopy(train_cfg.model)
+        super().__init__(train_cfg, model_cfg, "vqvae", VQAutoencoder(model_cfg.vqvae))
 
     def forward(self, batch: dict, step: int):
         cfg = self.cfg
@@ -83,17 +54,7 @@ class VQVAEObjective(Objective):
             rec_loss = rec_loss + cfg.perceptual_weight * p
             logs["lpips"] = p.detach()
         loss = rec_loss + cfg.vq_weight * vq_loss
-        if cfg.disc_weight > 0 and step >= cfg.disc_start:  # step 3
-            self.discriminator.requires_grad_(False)
-            g_loss = -self.discriminator(recon).float().mean()
-            self.discriminator.requires_grad_(True)
-            if cfg.adaptive_weight and self.training and torch.is_grad_enabled():
-                d_weight = adaptive_weight(rec_loss, g_loss, self.vqvae.decoder.conv_out.weight) * cfg.disc_weight
-            else:
-                d_weight = torch.tensor(cfg.disc_weight, device=x.device)
-            d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
-            loss = loss + d_weight * g_loss + d_loss  # step 4
-            logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
+        loss = loss + self.adversarial_loss(x, recon, rec_loss, step, logs)  # steps 3-4
         return loss, logs
 
     @torch.no_grad()
@@ -107,9 +68,6 @@ class VQVAEObjective(Objective):
         finally:
             self.vqvae.train(was_training)
         return torch.cat([x, recon.clamp(-1, 1)]), x.shape[0]
-
-    def export(self):
-        return self.model_cfg, {"vqvae": self.vqvae}
 
 
 register_objective("vqvae", VQVAEObjective)

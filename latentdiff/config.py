@@ -111,8 +111,24 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
 
+class _EncoderDecoderChecks:
+    """What the KL and VQ autoencoder configs share: the encoder/decoder blocks (models/autoencoder_blocks.py)."""
+
+    def _check_blocks(self, prefix: str, more_positive: tuple[str, ...]) -> None:
+        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "norm_num_groups", *more_positive):
+            _check_positive(f"{prefix}.{name}", getattr(self, name))
+        _check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult),
+               f"{prefix}.ch_mult={self.ch_mult!r} must be a non-empty list of positive ints")
+        _check(self.ch % self.norm_num_groups == 0,
+               f"{prefix}.ch={self.ch} is not divisible by {prefix}.norm_num_groups={self.norm_num_groups}")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.ch_mult) - 1)
+
+
 @dataclass
-class AutoencoderKLConfig:
+class AutoencoderKLConfig(_EncoderDecoderChecks):
     """KL autoencoder, Stable Diffusion VAE (CompVis ``AutoencoderKL``) layout.
 
     Latents seen by the diffusion model are ``(z - shift_factor) * scaling_factor``; both factors are applied
@@ -135,18 +151,8 @@ class AutoencoderKLConfig:
     shift_factor: float = 0.0
 
     def __post_init__(self):
-        for name in ("in_channels", "out_channels", "z_channels", "embed_dim", "ch", "num_res_blocks",
-                     "norm_num_groups"):
-            _check_positive(f"autoencoder.{name}", getattr(self, name))
-        _check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult),
-               f"autoencoder.ch_mult={self.ch_mult!r} must be a non-empty list of positive ints")
-        _check(self.ch % self.norm_num_groups == 0,
-               f"autoencoder.ch={self.ch} is not divisible by autoencoder.norm_num_groups={self.norm_num_groups}")
+        self._check_blocks("autoencoder", ("z_channels", "embed_dim"))
         _check_positive("autoencoder.scaling_factor", self.scaling_factor)
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass
@@ -413,7 +419,7 @@ class VQTransformerConfig:
 
 
 @dataclass
-class VQModelConfig:
+class VQModelConfig(_EncoderDecoderChecks):
     """VQ autoencoder (VQ-VAE, van den Oord et al. 2017, with the Taming-Transformers encoder/decoder).
 
     ``z_channels`` leave the encoder, ``quant_conv`` maps them to ``embed_dim``-dimensional vectors quantised
@@ -441,21 +447,11 @@ class VQModelConfig:
     dropout: float = 0.0
 
     def __post_init__(self):
-        for name in ("in_channels", "out_channels", "ch", "num_res_blocks", "z_channels", "embed_dim", "num_codes",
-                     "norm_num_groups"):
-            _check_positive(f"vqvae.{name}", getattr(self, name))
-        _check(len(self.ch_mult) > 0 and all(m > 0 for m in self.ch_mult),
-               f"vqvae.ch_mult={self.ch_mult!r} must be a non-empty list of positive ints")
-        _check(self.ch % self.norm_num_groups == 0,
-               f"vqvae.ch={self.ch} is not divisible by vqvae.norm_num_groups={self.norm_num_groups}")
+        self._check_blocks("vqvae", ("z_channels", "embed_dim", "num_codes"))
         _check(self.beta >= 0, f"vqvae.beta={self.beta!r} must be >= 0")
         _check(0 < self.decay < 1, f"vqvae.decay={self.decay!r} must be in (0, 1)")
         _check(self.dead_code_threshold >= 0, f"vqvae.dead_code_threshold={self.dead_code_threshold!r} must be >= 0")
         _check(0 <= self.dropout < 1, f"vqvae.dropout={self.dropout!r} must be in [0, 1)")
-
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass

@@ -21,6 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentdiff.metrics.images import add_selection_arguments  # noqa: E402  (no hub imports)
+
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     pass
@@ -33,16 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default="laion2b_s34b_b79k", help="open_clip pretrained tag (from the local cache)")
     p.add_argument("--weights", type=Path, default=None, help="local weights file (.safetensors/.bin)")
     p.add_argument("--allow-download", action="store_true", help="download --pretrained weights if not cached")
-    p.add_argument("--num-samples", type=int, default=None, help="pairs to score; None: all")
-    p.add_argument(
-        "--subset",
-        choices=("random", "first"),
-        default="random",
-        help="with --num-samples: a seeded random subset, or the first N in source order",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random subset")
+    add_selection_arguments(p, "pairs")
     p.add_argument("--batch-size", type=int, default=64, help="pairs per batch")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -15,7 +15,6 @@ Bad input or missing weights: one message on stderr and exit code 2. See docs/ev
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from latentdiff.metrics.fid import (  # noqa: E402
     source_statistics,
 )
 from latentdiff.metrics.fid_helper import FidHelperError, convert_fid_helper  # noqa: E402
-from latentdiff.metrics.images import RESIZE_METHOD, SourceError, error_message  # noqa: E402
+from latentdiff.metrics.images import RESIZE_METHOD, SourceError, add_selection_arguments, error_message  # noqa: E402
 from latentdiff.metrics.inception import FEATURE_EXTRACTOR, InceptionWeightsError, load_inception  # noqa: E402
 
 
@@ -51,16 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--save-stats", action="store_true", help="write the statistics of SOURCE to OUT.npz")
     p.add_argument("--overwrite", action="store_true", help="allow --save-stats/--convert-fid-helper to replace OUT")
-    p.add_argument("--num-samples", type=int, default=None, help="images per source; None: all")
-    p.add_argument(
-        "--subset",
-        choices=("random", "first"),
-        default="random",
-        help="with --num-samples: a seeded random subset, or the first N in source order",
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random subset")
+    add_selection_arguments(p, "images per source")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
-    p.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding processes")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--inception-weights", type=Path, default=None, help="local Inception weights (.pth/.safetensors)")
     p.add_argument("--download", action="store_true", help="download pytorch-fid's weights if none are found")

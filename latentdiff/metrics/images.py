@@ -19,6 +19,7 @@ image with PIL's antialiased bicubic filter to 299×299, without rounding or cli
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -180,6 +181,16 @@ def open_image_source(spec: str | Path) -> FolderSource | TarSource:
     if not images:
         raise SourceError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards found")
     return FolderSource(path, images)
+
+
+def add_selection_arguments(parser, what: str) -> None:
+    """The command-line options that choose and read a source's samples (tools/fid.py, tools/clip_score.py)."""
+    parser.add_argument("--num-samples", type=int, default=None, help=f"{what} to use; None: all")
+    parser.add_argument("--subset", choices=("random", "first"), default="random",
+                        help="with --num-samples: a seeded random subset, or the first N in source order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="image decoding processes")
 
 
 def select_samples(total: int | None, num_samples: int | None, subset: str, seed: int) -> np.ndarray | None:

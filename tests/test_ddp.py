@@ -3,19 +3,16 @@ number of steps and hold bit-identical weights (and EMA) after every step; rank 
 which carries both ranks' RNG states."""
 
 import hashlib
-import io
 import multiprocessing as mp
 import os
 import socket
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from latentdiff.config import load_train_config
-from latentdiff.data.writer import ShardWriter
 from latentdiff.training.state import latest_checkpoint
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
@@ -25,14 +22,8 @@ RUNS = {  # autoencoder + discriminator (two optimizers, D idle at step 0) and l
 }
 
 
-def make_shards(folder: Path, n: int = 32, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
-    return folder
+def make_shards(folder: Path, n: int = 32) -> Path:
+    return tiny.make_shards(folder, n)
 
 
 def _digest(trainer) -> str:

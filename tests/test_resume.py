@@ -1,20 +1,16 @@
 """Exact resume after SIGKILL: mid-training, and inside a checkpoint write. A resumed run must end bit-identical
 (weights, EMA, optimizer and RNG states, logged losses) to an uninterrupted run of the same length."""
 
-import io
 import multiprocessing as mp
 import os
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from latentdiff.config import load_train_config
-from latentdiff.data.writer import ShardWriter
 from latentdiff.training.logging import read_log
 from latentdiff.training.state import (
     CRASH_ENV,
@@ -25,20 +21,15 @@ from latentdiff.training.state import (
     load_checkpoint,
 )
 from latentdiff.training.trainer import Trainer
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "train_tiny_autoencoder.yaml"
 STEPS = 6
 
 
-def make_shards(folder: Path, n: int = 32, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
-    return folder
+def make_shards(folder: Path, n: int = 32) -> Path:
+    return tiny.make_shards(folder, n)
 
 
 def overrides(shards: Path) -> list[str]:

@@ -2,7 +2,6 @@
 run of tools/train.py: autoencoder, then latent diffusion on its latents, whose export loads as a pipeline."""
 
 import importlib.util
-import io
 import json
 import math
 import random
@@ -15,7 +14,6 @@ from PIL import Image
 
 import latentdiff
 from latentdiff.config import load_train_config
-from latentdiff.data.writer import ShardWriter
 from latentdiff.io.checkpoint import load_model_file
 from latentdiff.training.ema import EMA
 from latentdiff.training.logging import LossLog, read_log
@@ -24,20 +22,15 @@ from latentdiff.training.objectives.perceptual import LPIPS
 from latentdiff.training.optim import lr_lambda
 from latentdiff.training.state import capture_rng, list_checkpoints, load_checkpoint, restore_rng
 from latentdiff.training.trainer import NonFiniteError, Trainer
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 AE_CONFIG = ROOT / "configs" / "train_tiny_autoencoder.yaml"
 LDM_CONFIG = ROOT / "configs" / "train_tiny_ldm.yaml"
 
 
-def make_shards(folder: Path, n: int = 16, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
-    return folder
+def make_shards(folder: Path, n: int = 16) -> Path:
+    return tiny.make_shards(folder, n)
 
 
 def train_main():

@@ -1,6 +1,5 @@
 """VQ training objectives with the common trainer: VQ autoencoder, then VQ-Diffusion on its codes, then txt2img."""
 
-import io
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ from PIL import Image
 
 import latentdiff.pipelines_vq  # noqa: F401  (registers the VQ pipeline with load_pipeline)
 from latentdiff.config import load_train_config, train_config_from_dict
-from latentdiff.data.writer import ShardWriter
 from latentdiff.diffusion.discrete import ImportanceTimestepSampler
 from latentdiff.io.checkpoint import load_model_file
 from latentdiff.pipelines import parse_parameters
@@ -20,6 +18,7 @@ from latentdiff.training.objectives import build_objective
 from latentdiff.training.objectives.vq_diffusion import SyncedTimestepSampler
 from latentdiff.training.state import checkpoint_path, load_checkpoint
 from latentdiff.training.trainer import Trainer
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -30,14 +29,8 @@ VQ_DIFFUSION = ROOT / "configs" / "train_tiny_vq_diffusion.yaml"
 FAST = ["steps=2", "log_every=2", "sample_every=2", "checkpoint_every=2"]
 
 
-def make_shards(folder: Path, n: int = 8, size: int = 16) -> Path:
-    rng = np.random.default_rng(0)
-    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
-        for i in range(n):
-            buf = io.BytesIO()
-            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
-            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
-    return folder
+def make_shards(folder: Path, n: int = 8) -> Path:
+    return tiny.make_shards(folder, n)
 
 
 @pytest.fixture(scope="module")

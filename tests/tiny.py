@@ -1,6 +1,24 @@
-"""Tiny model configs shared by tests (seconds on a CPU)."""
+"""Tiny model configs and shards shared by tests (seconds on a CPU)."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from latentdiff.config import model_config_from_dict
+from latentdiff.data.writer import ShardWriter
+
+
+def make_shards(folder: Path, n: int, size: int = 16) -> Path:
+    """``n`` random PNGs captioned "a photo of thing {i % 4}", 8 per shard."""
+    rng = np.random.default_rng(0)
+    with ShardWriter(folder, prefix="tiny", samples_per_shard=8) as writer:
+        for i in range(n):
+            buf = io.BytesIO()
+            Image.fromarray((rng.random((size, size, 3)) * 255).astype(np.uint8)).save(buf, format="PNG")
+            writer.write(f"{i:09d}", {"png": buf.getvalue(), "txt": f"a photo of thing {i % 4}".encode()})
+    return folder
 
 
 def tiny_ldm_config(**overrides):

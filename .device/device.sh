@@ -68,7 +68,7 @@ echo "eval done at $(( $(date +%s) - T0 )) s"
 tail -n 3 "$KEEP"/eval_*.log "$KEEP"/sweep.log
 
 if [ "$(left $((BUDGET - 25)))" -gt 20 ]; then
-    timeout "$(left $((BUDGET - 25)))" python tools/bench_train.py --config configs/cifar10_ldm.yaml --device $DEV \
+    timeout "$(left $((BUDGET - 25)))" python tools/bench_train.py --config configs/cifar10_ldm_gpu.yaml --device $DEV \
         --batch ${BTRAIN:-256} --repeats 20 --warmup 5 --json "$KEEP/bench_train_cifar10.json" > "$KEEP/bench_train.txt" 2>&1
 fi
 if [ "$(left $((BUDGET - 12)))" -gt 15 ]; then

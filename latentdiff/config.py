@@ -673,18 +673,15 @@ class VQDiffusionObjectiveConfig:
     sample_seed: int = 0
 
     def __post_init__(self):
-        if self.type != "vq_diffusion":
-            raise ValueError(f"objective.type={self.type!r} must be 'vq_diffusion'")
-        if self.auxiliary_loss_weight < 0:
-            raise ValueError(f"objective.auxiliary_loss_weight={self.auxiliary_loss_weight!r} must be >= 0")
-        if len(self.mask_weight) != 2 or any(w < 0 for w in self.mask_weight):
-            raise ValueError(f"objective.mask_weight={self.mask_weight!r} must be two numbers >= 0")
-        if not self.sample_prompts:
-            raise ValueError("objective.sample_prompts must not be empty")
-        if self.sample_steps <= 0:
-            raise ValueError(f"objective.sample_steps={self.sample_steps!r} must be > 0")
-        if self.sample_truncation is not None and not 0 < self.sample_truncation <= 1:
-            raise ValueError(f"objective.sample_truncation={self.sample_truncation!r} must be in (0, 1]")
+        _check(self.type == "vq_diffusion", f"objective.type={self.type!r} must be 'vq_diffusion'")
+        _check(self.auxiliary_loss_weight >= 0,
+               f"objective.auxiliary_loss_weight={self.auxiliary_loss_weight!r} must be >= 0")
+        _check(len(self.mask_weight) == 2 and all(w >= 0 for w in self.mask_weight),
+               f"objective.mask_weight={self.mask_weight!r} must be two numbers >= 0")
+        _check(len(self.sample_prompts) > 0, "objective.sample_prompts must not be empty")
+        _check_positive("objective.sample_steps", self.sample_steps)
+        _check(self.sample_truncation is None or 0 < self.sample_truncation <= 1,
+               f"objective.sample_truncation={self.sample_truncation!r} must be in (0, 1]")
 
 
 OBJECTIVE_CONFIGS: dict[str, type] = {"autoencoder_kl": AutoencoderKLObjectiveConfig,

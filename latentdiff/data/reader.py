@@ -213,9 +213,9 @@ class ShardLoader:
         return self.plan.num_batches - self.dataset.start_batch
 
     def __iter__(self) -> Iterator[dict]:
-        # The loader's own generator (its workers' base seed; our sample randomness comes from the seeded tags
-        # above) keeps it from drawing on the global torch RNG, so a resumed run's noise matches an uninterrupted one.
-        generator = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.plan.epoch * 1_009 + self.plan.rank)
+        # Its own generator (only the workers' unused base seed; sample randomness comes from the seeded tags
+        # above) keeps the loader off the global torch RNG, so a resumed run's noise matches an uninterrupted one.
+        generator = torch.Generator().manual_seed(self.cfg.seed)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             pin_memory=self.pin_memory, generator=generator)
         self.position = self.start_index

@@ -35,6 +35,8 @@ from latentdiff.models.unet import UNetModel
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL = ASSETS / "default.safetensors"
+DEFAULT_VQ_MODEL = ASSETS / "default_vq.safetensors"
+EMBEDDED_MODELS = {"default": DEFAULT_MODEL, "default-vq": DEFAULT_VQ_MODEL}  # names load_pipeline accepts
 
 
 @dataclass
@@ -280,18 +282,18 @@ def register_pipeline(model_type: str, cls: type) -> None:
 def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwargs):
     """Load a text-to-image pipeline.
 
-    ``path``: ``None`` (the embedded default model, stored in float16, loaded in float32 unless ``dtype`` is
-    given), the project's ``.safetensors`` model file, a Stable
+    ``path``: ``None`` or ``"default"`` (the embedded latent-diffusion model), ``"default-vq"`` (the embedded
+    VQ-Diffusion model) -- both stored in float16 and loaded in float32 unless ``dtype`` is given --, the
+    project's ``.safetensors`` model file, a Stable
     Diffusion single file (``.safetensors``/``.ckpt``) or a diffusers folder (Stable Diffusion, or VQ-Diffusion:
     ``model_index.json`` naming ``VQDiffusionPipeline``). ``device``/``dtype`` move it after loading. Extra
     keyword arguments go to the Stable Diffusion loaders (e.g. ``prediction_type``).
     Raises :class:`~latentdiff.io.checkpoint.CheckpointError` (a ``ValueError``) with a clear message.
     """
-    if path is None:
-        if not DEFAULT_MODEL.is_file():
-            raise CheckpointError(f"the embedded default model {DEFAULT_MODEL} is missing from this install; "
-                                  f"pass a checkpoint path")
-        path = DEFAULT_MODEL
+    if path is None or (isinstance(path, str) and path in EMBEDDED_MODELS):
+        path = EMBEDDED_MODELS[path or "default"]
+        if not path.is_file():
+            raise CheckpointError(f"the embedded model {path} is missing from this install; pass a checkpoint path")
         dtype = dtype or torch.float32  # stored in float16 to stay small; computed in float32 unless asked
     path = Path(path)
     if not path.exists():

@@ -104,3 +104,52 @@ def test_model_file_round_trip_and_no_overwrite(tmp_path):
     assert not is_model_file(plain)
     with pytest.raises(CheckpointError, match="not a latentdiff model"):
         load_model_file(plain)
+
+
+def test_compact_rows_keep_the_named_rows_and_share_one_for_the_rest(tmp_path):
+    from latentdiff.io.checkpoint import compact_rows, expand_rows
+
+    full = torch.randn(50, 3)
+    rows, ids = compact_rows(full, torch.tensor([7, 3, 7, 49]))
+    assert ids.tolist() == [3, 7, 49] and rows.shape == (4, 3)
+    dropped = torch.ones(50, dtype=torch.bool)
+    dropped[ids] = False
+    back = expand_rows(rows, ids, 50)
+    assert torch.equal(back[ids], full[ids])
+    assert torch.allclose(back[dropped], full[dropped].mean(0).expand(47, 3))
+    with pytest.raises(ValueError, match="must lie in"):
+        compact_rows(full, torch.tensor([50]))
+    with pytest.raises(ValueError, match="do not fit"):
+        expand_rows(rows[:2], ids, 50)
+
+
+def test_model_file_with_compact_rows_loads_full_tensors(tmp_path):
+    cfg = LatentDiffusionConfig()
+    emb = torch.randn(100, 4)
+    parts = {"text_encoder": {"token_embedding.weight": emb, "proj": torch.randn(4, 4)}}
+    path = save_model_file(tmp_path / "m.safetensors", cfg, parts, keep_rows={
+        "text_encoder.token_embedding.weight": torch.tensor([0, 5, 99])})
+    _, loaded, meta = load_model_file(path)
+    got = loaded["text_encoder"]["token_embedding.weight"]
+    assert got.shape == (100, 4) and torch.equal(got[[0, 5, 99]], emb[[0, 5, 99]])
+    assert torch.equal(loaded["text_encoder"]["proj"], parts["text_encoder"]["proj"])
+    assert set(loaded["text_encoder"]) == {"token_embedding.weight", "proj"}
+    # re-saving what was loaded (metadata passed on) stores full tensors, not stale compact_rows metadata
+    again = save_model_file(tmp_path / "again.safetensors", cfg, loaded, extra_metadata=meta)
+    assert torch.equal(load_model_file(again)[1]["text_encoder"]["token_embedding.weight"], got)
+    with pytest.raises(ValueError, match="not a tensor of this model"):
+        save_model_file(tmp_path / "x.safetensors", cfg, parts, keep_rows={"text_encoder.nope": torch.tensor([0])})
+
+
+def test_inconsistent_compact_rows_are_a_clear_error(tmp_path):
+    from safetensors.torch import save_file as save_raw
+
+    from latentdiff.config import config_to_json
+
+    meta = {"format": "latentdiff", "format_version": "1", "config": config_to_json(LatentDiffusionConfig()),
+            "compact_rows": '{"text_encoder.token_embedding.weight": 10}'}
+    path = tmp_path / "bad.safetensors"
+    save_raw({"text_encoder.token_embedding.weight.kept_rows": torch.zeros(3, 2),
+              "text_encoder.token_embedding.weight.kept_ids": torch.tensor([1, 20, 30])}, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="compact_rows tensors are inconsistent"):
+        load_model_file(path)

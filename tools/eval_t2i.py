@@ -35,8 +35,8 @@ from latentdiff.cli import ArgumentParser, fail, resolve_device_dtype  # noqa: E
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared with tools/sampler_sweep.py."""
     p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default="default",
-                   help="model: 'default' (the embedded model), a latentdiff .safetensors, a Stable Diffusion file "
-                        "or a diffusers folder")
+                   help="model: 'default' or 'default-vq' (the embedded models), a latentdiff .safetensors, a "
+                        "Stable Diffusion file or a diffusers folder")
     p.add_argument("--scale", type=float, default=None, help="guidance scale; default: the model's own")
     p.add_argument("--captions", default="cifar10", help="'cifar10' (class captions) or a text file, one per line")
     p.add_argument("--num-samples", type=int, default=1000, help="number of images to generate")
@@ -102,7 +102,7 @@ def load_everything(args, clip: dict | None):
 
     device, dtype = resolve_device_dtype(args.device, args.precision)
     try:
-        pipe = load_pipeline(None if args.ckpt == "default" else args.ckpt, device=device, dtype=dtype)
+        pipe = load_pipeline(args.ckpt, device=device, dtype=dtype)
         names = CIFAR10_CLASSES
         prompts = (class_prompts(names, args.num_samples) if args.captions == "cifar10"
                    else file_prompts(args.captions, args.num_samples, names))

@@ -3,7 +3,8 @@
 #   continuous: KL autoencoder ($AE_CONFIG), then latent diffusion on its latents ($LDM_CONFIG)
 #   discrete:   VQ autoencoder ($VQVAE_CONFIG), then VQ-Diffusion on its codes ($VQD_CONFIG)
 # Each stage runs for a wall-clock budget (tools/train.py --max-minutes); the configs' `steps` are only caps. Then
-# each export is also written in float16 (model-fp16.safetensors), the form latentdiff/assets/ ships.
+# each export is also packed as latentdiff/assets/ ships it (model-fp16.safetensors: tools/pack_model.py --half
+# --vocabulary $SHARDS).
 # The default configs are the GPU recipe (configs/*_gpu.yaml and configs/cifar10_vq*.yaml), not yet run at full
 # length; the shipped continuous model came from configs/cifar10_{autoencoder,ldm}.yaml on a CPU (MODEL_CARD.md).
 #
@@ -41,28 +42,22 @@ train() {  # train CONFIG OUTDIR MINUTES [more tools/train.py arguments]
         --set "data.shards=$SHARDS" "$@" $EXTRA
 }
 
-half() {  # half MODEL_FILE OUT_FILE: the export cast to float16 (metadata kept)
-    python - "$1" "$2" <<'EOF'
-import sys
-from latentdiff.io.checkpoint import load_model_file, save_model_file
-cfg, parts, meta = load_model_file(sys.argv[1])
-half = {k: {n: t.half() if t.is_floating_point() else t for n, t in p.items()} for k, p in parts.items()}
-save_model_file(sys.argv[2], cfg, half, overwrite=True, extra_metadata=meta)
-EOF
+pack() {  # pack MODEL_FILE OUT_FILE: float16, token embedding cut to the captions' vocabulary (tools/pack_model.py)
+    python tools/pack_model.py "$1" "$2" --half --vocabulary "$SHARDS" --overwrite
 }
 
 continuous() {
     train "$AE_CONFIG" "$RUNS/cifar10_autoencoder" "$AE_MINUTES" &&
     train "$LDM_CONFIG" "$RUNS/cifar10_ldm" "$DIFFUSION_MINUTES" \
         --set "objective.autoencoder_checkpoint=$RUNS/cifar10_autoencoder/model.safetensors" &&
-    half "$RUNS/cifar10_ldm/model.safetensors" "$RUNS/cifar10_ldm/model-fp16.safetensors"
+    pack "$RUNS/cifar10_ldm/model.safetensors" "$RUNS/cifar10_ldm/model-fp16.safetensors"
 }
 
 discrete() {
     train "$VQVAE_CONFIG" "$RUNS/cifar10_vqvae" "$AE_MINUTES" &&
     train "$VQD_CONFIG" "$RUNS/cifar10_vq_diffusion" "$DIFFUSION_MINUTES" \
         --set "objective.vqvae_checkpoint=$RUNS/cifar10_vqvae/model.safetensors" &&
-    half "$RUNS/cifar10_vq_diffusion/model.safetensors" "$RUNS/cifar10_vq_diffusion/model-fp16.safetensors"
+    pack "$RUNS/cifar10_vq_diffusion/model.safetensors" "$RUNS/cifar10_vq_diffusion/model-fp16.safetensors"
 }
 
 continuous > "$RUNS/continuous.log" 2>&1 &

@@ -3,6 +3,7 @@
 Examples (from the repository root)::
 
     python tools/txt2img.py "a photo of a cat"                      # embedded default model
+    python tools/txt2img.py "a photo of a ship" --ckpt default-vq   # embedded VQ-Diffusion model
     python tools/txt2img.py "a photo of a ship" --n_samples 8 --steps 50 --scale 4 --seed 1 --sampler dpmpp_2m
     python tools/txt2img.py "a castle" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512 --device cuda \\
         --precision bf16 --negative-prompt "blurry"
@@ -31,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", nargs="+", help="prompt text (several positional words are joined with spaces)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default=None,
-                   help="latentdiff .safetensors, Stable Diffusion single file (.safetensors/.ckpt) or diffusers "
+                   help="'default' or 'default-vq' (the embedded latent-diffusion and VQ-Diffusion models), a "
+                        "latentdiff .safetensors, a Stable Diffusion single file (.safetensors/.ckpt) or a diffusers "
                         "folder; default: the embedded default model")
     p.add_argument("--steps", type=int, default=25, help="number of sampling steps")
     p.add_argument("--scale", type=float, default=None,

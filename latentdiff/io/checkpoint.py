@@ -10,6 +10,11 @@ so loading needs no architecture flags::
 
     save_model_file("model.safetensors", cfg, {"unet": unet, "autoencoder": ae, "text_encoder": te})
     cfg, parts = load_model_file("model.safetensors")     # parts["unet"] is a state dict
+
+A model file may store some 2-D tensors by rows (:func:`compact_rows`): the kept rows with their ids plus one
+shared row for all others, listed in the ``compact_rows`` metadata. The embedded models use it for the token
+embedding of a text encoder trained on a handful of captions, whose ~49k untrained rows would otherwise be most of
+the file. Loading expands such tensors back to their full shape.
 """
 
 from __future__ import annotations
@@ -136,11 +141,42 @@ def split_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, tor
     return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix)}
 
 
+KEPT_ROWS, KEPT_IDS = ".kept_rows", ".kept_ids"
+
+
+def compact_rows(full: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``keep`` of a 2-D tensor ``(N, D)`` plus one shared row, the mean of all the others:
+    ``(rows (len(keep) + 1, D), ids (len(keep),) int64)``; :func:`expand_rows` inverts it for the kept rows."""
+    if full.ndim != 2:
+        raise ValueError(f"compact_rows needs a 2-D tensor, got shape {tuple(full.shape)}")
+    ids = torch.unique(torch.as_tensor(keep, dtype=torch.long))  # sorted, no repeats
+    if ids.numel() and not (0 <= int(ids[0]) and int(ids[-1]) < full.shape[0]):
+        raise ValueError(f"row ids must lie in [0, {full.shape[0]}), got {int(ids[0])}..{int(ids[-1])}")
+    dropped = torch.ones(full.shape[0], dtype=torch.bool)
+    dropped[ids] = False
+    shared = full[dropped].float().mean(0) if dropped.any() else torch.zeros(full.shape[1])
+    return torch.cat([full[ids], shared.to(full.dtype)[None]]), ids
+
+
+def expand_rows(rows: torch.Tensor, ids: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """The full ``(num_rows, D)`` tensor: ``rows[i]`` at ``ids[i]``, the shared last row everywhere else."""
+    if rows.ndim != 2 or ids.ndim != 1 or rows.shape[0] != ids.numel() + 1:
+        raise ValueError(f"compact rows {tuple(rows.shape)} do not fit ids {tuple(ids.shape)}")
+    if ids.numel() and not (0 <= int(ids.min()) and int(ids.max()) < num_rows):
+        raise ValueError(f"compact row ids exceed the {num_rows} rows")
+    full = rows[-1].expand(num_rows, rows.shape[1]).clone()
+    full[ids.long()] = rows[:-1]
+    return full
+
+
 def save_model_file(path: str | Path, cfg, modules: dict, overwrite: bool = False,
-                    extra_metadata: dict[str, str] | None = None) -> Path:
+                    extra_metadata: dict[str, str] | None = None,
+                    keep_rows: dict[str, torch.Tensor] | None = None) -> Path:
     """Write the project's single-file format atomically: ``{component}.{param}`` tensors + config metadata.
 
-    ``modules`` maps component names to ``nn.Module``s or state dicts.
+    ``modules`` maps component names to ``nn.Module``s or state dicts. ``keep_rows`` maps full tensor names
+    (``"text_encoder.token_embedding.weight"``) to the row ids to store exactly; the tensor's other rows are
+    stored as one shared row (:func:`compact_rows`).
     """
     from latentdiff.config import config_to_json
 
@@ -152,6 +188,16 @@ def save_model_file(path: str | Path, cfg, modules: dict, overwrite: bool = Fals
     tensors = _untie_shared(tensors)
     metadata = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": config_to_json(cfg)}
     metadata.update(extra_metadata or {})
+    metadata.pop("compact_rows", None)
+    if keep_rows:
+        shapes = {}
+        for key, keep in keep_rows.items():
+            if key not in tensors:
+                raise ValueError(f"keep_rows names {key!r}, which is not a tensor of this model")
+            full = tensors.pop(key)
+            tensors[key + KEPT_ROWS], tensors[key + KEPT_IDS] = compact_rows(full, keep)
+            shapes[key] = full.shape[0]
+        metadata["compact_rows"] = json.dumps(shapes, sort_keys=True)
     path = Path(path)
     with atomic_write(path, "wb", overwrite=overwrite) as f:
         f.write(safetensors_bytes(tensors, metadata=metadata))
@@ -182,11 +228,23 @@ def load_model_file(path: str | Path):
     except (KeyError, json.JSONDecodeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: the config stored in the file is invalid: {e}") from None
     check_finite(tensors, str(path))
+    _expand_compact(tensors, metadata, path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         component, _, name = key.partition(".")
         parts.setdefault(component, {})[name] = value
     return cfg, parts, metadata
+
+
+def _expand_compact(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:
+    """Replace the ``compact_rows`` tensors of a model file by their full form, in place."""
+    try:
+        shapes = json.loads(metadata.get("compact_rows", "{}"))
+        for key, num_rows in shapes.items():
+            rows, ids = tensors.pop(key + KEPT_ROWS), tensors.pop(key + KEPT_IDS)
+            tensors[key] = expand_rows(rows, ids, int(num_rows))
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its compact_rows tensors are inconsistent: {e}") from None
 
 
 def _untie_shared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,78 @@
+"""tools/pack_model.py: float16, name and config changes, and a compact token vocabulary for shipping."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import latentdiff
+from latentdiff.io.checkpoint import load_model_file, read_safetensors
+from latentdiff.models.text import Tokenizer
+from latentdiff.pipelines import LatentDiffusionPipeline
+from tests.tiny import make_shards, tiny_ldm_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import pack_model  # noqa: E402
+
+EMB = "text_encoder.token_embedding.weight"
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pack") / "model.safetensors"
+    LatentDiffusionPipeline.from_config(tiny_ldm_config(), name="tiny").save(path)
+    return path
+
+
+def test_vocabulary_pack_keeps_outputs_for_known_prompts(src, tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a photo of thing 1\n\na photo of thing 2\n")
+    dst = tmp_path / "packed.safetensors"
+    assert pack_model.main([str(src), str(dst), "--vocabulary", str(captions), "--name", "packed",
+                            "--set", "guidance_scale=4.5"]) == 0
+    tensors, meta = read_safetensors(dst)
+    assert EMB not in tensors and "compact_rows" in meta
+    tokenizer = Tokenizer(16)
+    kept = set(tokenizer("a photo of thing 1")[0].tolist()) | set(tokenizer("a photo of thing 2")[0].tolist())
+    assert set(tensors[EMB + ".kept_ids"].tolist()) == kept | set(tokenizer("")[0].tolist())
+    assert dst.stat().st_size < 0.6 * src.stat().st_size  # the 49,408 x 32 embedding was half the file
+
+    a, b = latentdiff.load_pipeline(src), latentdiff.load_pipeline(dst)
+    assert b.name == "packed" and b.default_scale == 4.5 and a.default_scale == 3.0
+    for prompt in ["a photo of thing 2", ""]:
+        x = a.generate([prompt], steps=2, seed=3, output_type="latent")[0]
+        y = b.generate([prompt], steps=2, seed=3, output_type="latent")[0]
+        assert torch.equal(x, y), prompt
+    _, parts, _ = load_model_file(dst)
+    emb = parts["text_encoder"]["token_embedding.weight"]
+    other = [i for i in range(emb.shape[0]) if i not in kept][:100]
+    assert torch.equal(emb[other], emb[other[0]].expand(len(other), -1))  # one shared row for unseen tokens
+
+
+def test_half_and_vocabulary_from_shards(src, tmp_path):
+    shards = make_shards(tmp_path / "shards", 12)
+    dst = tmp_path / "half.safetensors"
+    assert pack_model.main([str(src), str(dst), "--half", "--vocabulary", str(shards)]) == 0
+    tensors, _ = read_safetensors(dst)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    ids = set(tensors[EMB + ".kept_ids"].tolist())
+    assert set(Tokenizer(16)("a photo of thing 3")[0].tolist()) <= ids
+    pipe = latentdiff.load_pipeline(dst, dtype=torch.float32)
+    assert pipe.generate(["a photo of thing 3"], steps=2, seed=0)[0].shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("make_args, message", [
+    (lambda s, d, t: [str(d), str(d)], "not a latentdiff model file"),
+    (lambda s, d, t: [str(s), str(s)], "exists; pass --overwrite"),
+    (lambda s, d, t: [str(s), str(d), "--set", "nope=1"], "unknown key 'nope'"),
+    (lambda s, d, t: [str(s), str(d), "--vocabulary", str(t)], "no captions found"),
+])
+def test_bad_input_exits_2(src, tmp_path, capsys, make_args, message):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit) as e:
+        pack_model.main(make_args(src, tmp_path / "out.safetensors", empty))
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()

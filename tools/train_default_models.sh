@@ -12,9 +12,10 @@
 #   AE_MINUTES=1.8 DIFFUSION_MINUTES=4 RUNS=/tmp/runs bash tools/train_default_models.sh
 #   AE_CONFIG=configs/cifar10_autoencoder.yaml LDM_CONFIG=configs/cifar10_ldm.yaml bash tools/train_default_models.sh
 #   EXTRA="--set device=cpu" bash tools/train_default_models.sh        # any extra tools/train.py arguments
+#   STREAMS=continuous AE_MINUTES=2 DIFFUSION_MINUTES=9 bash tools/train_default_models.sh   # one kind only
 #
-# The stages' logs go to $RUNS/continuous.log and $RUNS/discrete.log; the exit status is non-zero when either
-# stream fails.
+# The stages' logs go to $RUNS/continuous.log and $RUNS/discrete.log; the exit status is non-zero when a stream
+# fails. STREAMS picks the streams (default: "continuous discrete").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,10 +25,17 @@ SOURCE=${SOURCE:-../shared/data/cifar10/cifar10-train.tar.gz}
 AE_MINUTES=${AE_MINUTES:-1.8}
 DIFFUSION_MINUTES=${DIFFUSION_MINUTES:-4}
 EXTRA=${EXTRA:-}
+STREAMS=${STREAMS:-continuous discrete}
 AE_CONFIG=${AE_CONFIG:-configs/cifar10_autoencoder_gpu.yaml}
 LDM_CONFIG=${LDM_CONFIG:-configs/cifar10_ldm_gpu.yaml}
 VQVAE_CONFIG=${VQVAE_CONFIG:-configs/cifar10_vqvae.yaml}
 VQD_CONFIG=${VQD_CONFIG:-configs/cifar10_vq_diffusion.yaml}
+for stream in $STREAMS; do
+    case $stream in
+        continuous|discrete) ;;
+        *) echo "STREAMS: unknown stream '$stream' (continuous, discrete)" >&2; exit 2 ;;
+    esac
+done
 mkdir -p "$RUNS"
 
 if [ ! -f "$SHARDS/manifest.json" ]; then
@@ -60,11 +68,15 @@ discrete() {
     pack "$RUNS/cifar10_vq_diffusion/model.safetensors" "$RUNS/cifar10_vq_diffusion/model-fp16.safetensors"
 }
 
-continuous > "$RUNS/continuous.log" 2>&1 &
-c=$!
-discrete > "$RUNS/discrete.log" 2>&1 &
-d=$!
-wait $c; cs=$?
-wait $d; ds=$?
-echo "continuous: exit $cs ($RUNS/continuous.log); discrete: exit $ds ($RUNS/discrete.log)"
-[ $cs -eq 0 ] && [ $ds -eq 0 ]
+declare -A pids
+for stream in $STREAMS; do
+    "$stream" > "$RUNS/$stream.log" 2>&1 &
+    pids[$stream]=$!
+done
+status=0
+for stream in "${!pids[@]}"; do
+    wait "${pids[$stream]}"; code=$?
+    echo "$stream: exit $code ($RUNS/$stream.log)"
+    [ $code -eq 0 ] || status=1
+done
+exit $status

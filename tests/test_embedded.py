@@ -1,0 +1,34 @@
+"""The models shipped in latentdiff/assets/ load by name and generate (the README's Quickstart relies on them)."""
+
+import pytest
+import torch
+
+import latentdiff
+from latentdiff.io.checkpoint import read_safetensors
+from latentdiff.metrics.t2i import CIFAR10_CLASSES, class_prompts
+from latentdiff.pipelines import EMBEDDED_MODELS
+
+
+@pytest.mark.parametrize("name, kind", [("default", "LatentDiffusionPipeline"),
+                                        ("default-vq", "VQDiffusionPipeline")])
+def test_embedded_model_loads_by_name_and_generates(name, kind):
+    pipe = latentdiff.load_pipeline(name)
+    assert type(pipe).__name__ == kind and pipe.name.startswith("latentdiff-cifar10")
+    assert all(p.dtype == torch.float32 for m in pipe.modules().values() for p in m.parameters())
+    images, params = pipe.generate(["a photo of a cat"], steps=2, seed=0)
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    assert params[0].prompt == "a photo of a cat"
+
+
+def test_no_path_means_the_default_model():
+    assert latentdiff.load_pipeline().name == latentdiff.load_pipeline("default").name
+
+
+def test_vq_default_keeps_every_class_caption_token():
+    """tools/pack_model.py --vocabulary kept the embedding rows of the training captions' tokens."""
+    tensors, meta = read_safetensors(EMBEDDED_MODELS["default-vq"])
+    assert "compact_rows" in meta
+    kept = set(tensors["text_encoder.token_embedding.weight.kept_ids"].tolist())
+    tokenize = latentdiff.load_pipeline("default-vq").text_encoder.tokenize
+    for caption in class_prompts(CIFAR10_CLASSES, 10).captions + [""]:
+        assert set(tokenize(caption)[0].tolist()) <= kept, caption

@@ -1,9 +1,10 @@
 #!/bin/bash
 # For a session that is lent a GPU by this workplace's `device` tool (15 device-minutes; not used by CI or tests).
-# On the GPU machine: train both default models (tools/train_default_models.sh with the GPU configs), generate the
-# evaluation images (tools/eval_t2i.py 10k per model, tools/sampler_sweep.py 1k per setting; FID is computed back
-# here, because the 87 MB Inception weights do not fit the 64 MiB that travels), benchmark against diffusers if time
-# is left, then pack everything into <=15 MB parts and send the first batch to $OUT (.device/ship.py).
+# On the GPU machine: train default models (tools/train_default_models.sh with the GPU configs), generate the
+# evaluation images (the embedded default model's sampler sweep, tools/eval_t2i.py and tools/sampler_sweep.py per
+# trained model; FID is computed back here, because the 87 MB Inception weights do not fit the 64 MiB that
+# travels), benchmark against diffusers if time is left, then pack everything into <=15 MB parts and send the
+# first batch to $OUT (.device/ship.py).
 #
 # Prepared here (no GPU needed), from the repository root:
 #   echo /.whl/ >> .git/info/exclude
@@ -11,13 +12,16 @@
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl open_clip_torch==3.3.0 \
 #       webdataset==1.0.2 braceexpand ftfy wcwidth pytorch-fid==0.3.0 diffusers==0.42.1 importlib_metadata
-# then one `run` with carry [".device", ".whl"], command `bash .device/device.sh`, timeout_s 590 (about 62 MB
-# travels), and right after it (the machine stays warm 30 s) `python3 .device/ship.py send /root/keep` until the
-# printed "left:" list is empty. Rejoin the parts with `cat NAME.part* > NAME` (manifest.json has their sha256).
+# The checkout is ~52 MB since both embedded models ship; with the ~28 MB carried below a call would exceed the
+# 64 MiB it may send, so move latentdiff/assets/default_vq.safetensors out of the checkout for the call (nothing
+# here needs it) and back afterwards (about 50 MB then travels).
+# Then one `run` with carry [".device", ".whl"], command `bash .device/device.sh`, timeout_s 590, and right after
+# it (the machine stays warm 30 s) `python3 .device/ship.py send /root/keep` until the printed "left:" list is
+# empty. Rejoin the parts with `cat NAME.part* > NAME` (manifest.json has their sha256).
 # Tested end to end on the CPU: SKIP_PIP=1 DEV=cpu N=20 NS=10 BS=10 BTRAIN=8 KEEP=/tmp/k OUT=/tmp/o bash .device/device.sh
 # Run once on an H200 (2026-11-28, both streams, AE=1.7 DIFF=3.8 N=10000 NS=1000): setup 9 s, training done at
 # 377 s, the evaluations cut at 516 s (6.5k of 10k images each), no time left for the benches (run in a follow-up
-# call); the VQ-Diffusion model shipped, the 3.8-minute latent-diffusion model was worse than the CPU-trained v1.1.
+# call); the VQ-Diffusion model shipped, the 3.8-minute latent-diffusion model was worse than the CPU-trained v1.1 (and v1.2).
 # Hence the defaults now: the continuous stream only, with longer diffusion training and fewer evaluation images.
 T0=$(date +%s)
 BUDGET=${BUDGET:-560}
@@ -54,6 +58,11 @@ for f in $RUNS/*.log; do echo "== $f"; grep -v "^\s*$" "$f" | tail -4; done
 
 PIDS=()
 EV=(--reference none --no-clip --device $DEV --precision fp32 --quiet)
+# the embedded default model's sampler sweep (BENCHMARKS.md, issue 6): 12 x $NS images, about a minute on an H200
+timeout "$(left $((BUDGET - 45)))" python tools/sampler_sweep.py --ckpt default --steps 10 25 50 --num-samples $NS \
+    --batch-size $BS --reference none --device $DEV --precision fp32 --quiet --outdir "$KEEP/sweep_default" \
+    > "$KEEP/sweep_default.log" 2>&1 &
+PIDS+=($!)
 if [ -f $RUNS/cifar10_ldm/model-fp16.safetensors ]; then
     timeout "$(left $((BUDGET - 45)))" python tools/eval_t2i.py --ckpt $RUNS/cifar10_ldm/model-fp16.safetensors \
         --num-samples $N --batch-size $BS "${EV[@]}" --outdir "$KEEP/eval_ldm" > "$KEEP/eval_ldm.log" 2>&1 &

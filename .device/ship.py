@@ -52,13 +52,8 @@ def prepare(keep: Path, runs: Path) -> None:
             if f.is_file() and rel.parts[0] != "parts" and "images" not in rel.parts:
                 tar.add(f, f"keep/{rel}")
     items.append(("logs.tgz", [logs.name]))
-    for name, src in (("ldm-fp16.safetensors", runs / "cifar10_ldm" / "model-fp16.safetensors"),
-                      ("vq-fp16.safetensors", runs / "cifar10_vq_diffusion" / "model-fp16.safetensors")):
-        if src.exists():
-            items.append((name, split(src, parts, name)))
-    for name, folder in (("eval_ldm_images.tar", keep / "eval_ldm" / "images"),
-                         ("eval_vq_images.tar", keep / "eval_vq" / "images"),
-                         ("sweep_images.tar", keep / "sweep")):
+
+    def add_images(name: str, folder: Path) -> None:
         if folder.is_dir():
             tmp = keep / name
             with tarfile.open(tmp, "w") as tar:
@@ -66,6 +61,15 @@ def prepare(keep: Path, runs: Path) -> None:
                     tar.add(f, str(f.relative_to(folder.parent)))
             items.append((name, split(tmp, parts, name)))
             tmp.unlink()
+
+    add_images("sweep_default_images.tar", keep / "sweep_default")
+    for name, src in (("ldm-fp16.safetensors", runs / "cifar10_ldm" / "model-fp16.safetensors"),
+                      ("vq-fp16.safetensors", runs / "cifar10_vq_diffusion" / "model-fp16.safetensors")):
+        if src.exists():
+            items.append((name, split(src, parts, name)))
+    add_images("eval_ldm_images.tar", keep / "eval_ldm" / "images")
+    add_images("eval_vq_images.tar", keep / "eval_vq" / "images")
+    add_images("sweep_images.tar", keep / "sweep")
     manifest = {"items": [{"name": n, "parts": ps, "sha256": [sha(parts / p) for p in ps]} for n, ps in items]}
     (parts / "manifest.json").write_text(json.dumps(manifest, indent=1))
     print(json.dumps({n: len(ps) for n, ps in items}))

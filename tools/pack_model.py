@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from latentdiff.config import apply_overrides, model_config_from_dict, to_dict
     from latentdiff.io.checkpoint import CheckpointError, is_model_file, load_model_file, save_model_file
+    from latentdiff.io.export import half
 
     src, dst = Path(args.src), Path(args.dst)
     if not is_model_file(src):
@@ -98,8 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, TypeError) as e:
         fail(str(e))
     if args.half:
-        parts = {name: {k: t.half() if t.is_floating_point() else t for k, t in state.items()}
-                 for name, state in parts.items()}
+        parts = half(parts)
     keep_rows = None
     if args.vocabulary:
         if "text_encoder" not in parts:

@@ -593,6 +593,7 @@ class _AutoencoderLossConfig:
     disc_lr: float | None = None  # null: optim.lr
     disc_betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     adaptive_weight: bool = True  # Taming Eq. 7
+    train_decoder_only: bool = False  # freeze the encoder side: the latents stay those a diffusion model knows
     sample_images: int = 8  # images in each reconstruction grid
 
     def _check_common(self, kind: str, weights: tuple[str, ...]) -> None:
@@ -709,6 +710,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the trained networks
     gradient_checkpointing: bool = False  # recompute activations in backward (sets the network's config flag)
+    init_from: str | None = None  # fine-tuning: a model file whose components (by name) start the networks
     seed: int = 0
     log_every: int = 10
     sample_every: int = 500  # 0: never
@@ -725,6 +727,8 @@ class TrainConfig:
         for name in ("steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             _check_positive(name, getattr(self, name))
         _check(self.sample_every >= 0, f"sample_every={self.sample_every!r} must be >= 0")
+        _check(self.init_from is None or isinstance(self.init_from, str),
+               f"init_from={self.init_from!r} must be a model file path or null")
         _check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         _check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda']")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import latentdiff
-from latentdiff.io.checkpoint import load_model_file, read_safetensors
+from latentdiff.io.checkpoint import load_model_file, read_safetensors, save_model_file
 from latentdiff.models.text import Tokenizer
 from latentdiff.pipelines import LatentDiffusionPipeline
 from tests.tiny import make_shards, tiny_ldm_config
@@ -76,3 +76,26 @@ def test_bad_input_exits_2(src, tmp_path, capsys, make_args, message):
         pack_model.main(make_args(src, tmp_path / "out.safetensors", empty))
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_decoder_swap_takes_the_decoder_and_refuses_another_encoder(src, tmp_path):
+    cfg, parts, _ = load_model_file(src)
+    tuned = {k: v.clone() for k, v in parts["autoencoder"].items()}
+    for k in tuned:
+        if k.startswith(("decoder.", "post_quant_conv.")):
+            tuned[k] += 0.01
+    dec = tmp_path / "decoder.safetensors"
+    save_model_file(dec, cfg, {"autoencoder": tuned})
+    dst = tmp_path / "swapped.safetensors"
+    assert pack_model.main([str(src), str(dst), "--decoder", str(dec), "--half"]) == 0
+    _, out, _ = load_model_file(dst)
+    for k, v in out["autoencoder"].items():
+        expected = tuned[k] if k.startswith(("decoder.", "post_quant_conv.")) else parts["autoencoder"][k]
+        assert torch.equal(v, expected.half()), k
+    assert torch.equal(out["unet"]["out.2.weight"], parts["unet"]["out.2.weight"].half())
+
+    tuned["encoder.conv_in.weight"] += 0.01  # another encoder: the diffusion model's latents would change
+    save_model_file(dec, cfg, {"autoencoder": tuned}, overwrite=True)
+    with pytest.raises(SystemExit) as exc:
+        pack_model.main([str(src), str(tmp_path / "refused.safetensors"), "--decoder", str(dec)])
+    assert exc.value.code == 2 and not (tmp_path / "refused.safetensors").exists()

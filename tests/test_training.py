@@ -217,3 +217,41 @@ def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path):
     assert load_model_file(trainer.outdir / "model.safetensors")[2]["step"] == "1"
     resumed = Trainer(cfg, trainer.outdir, resume="auto", progress=False)  # no budget: runs on to cfg.steps
     assert resumed.step == 1 and resumed.stop_step == 50 and not resumed.stopped_by_time
+
+
+def test_init_from_fine_tunes_an_export_and_decoder_only_keeps_the_encoder(tmp_path):
+    main = train_main()
+    shards = make_shards(tmp_path / "shards")
+    common = ["--set", f"data.shards={shards}", "--set", "steps=2", "--set", "sample_every=0", "--no-progress"]
+    main(["--config", str(AE_CONFIG), "--outdir", str(tmp_path / "ae"), *common])
+    main(["--config", str(LDM_CONFIG), "--outdir", str(tmp_path / "ldm"), *common,
+          "--set", f"objective.autoencoder_checkpoint={tmp_path / 'ae' / 'model.safetensors'}"])
+    source = tmp_path / "ldm" / "model.safetensors"
+    src_cfg, src, _ = load_model_file(source)
+
+    # latent diffusion from a full export: every component and the latent scale come from the file
+    cfg = load_train_config(LDM_CONFIG, [f"data.shards={shards}", f"init_from={source}", "steps=1",
+                                         "sample_every=0", "objective.autoencoder_checkpoint=null"])
+    trainer = Trainer(cfg, tmp_path / "ft", resume="none", progress=False)
+    for name in ("unet", "text_encoder", "autoencoder"):
+        torch.testing.assert_close(getattr(trainer.objective, name).state_dict(), src[name], rtol=0, atol=0)
+    trainer.run()
+    ft_cfg, ft, _ = load_model_file(tmp_path / "ft" / "model.safetensors")
+    assert ft_cfg.autoencoder.scaling_factor == src_cfg.autoencoder.scaling_factor  # not re-estimated
+    assert not torch.equal(ft["unet"]["out.2.weight"], src["unet"]["out.2.weight"])  # and it trained
+
+    # the decoder of that file's autoencoder, fine-tuned alone: the encoder side stays bit-identical
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={shards}", f"init_from={source}", "steps=2",
+                                        "sample_every=0", "objective.train_decoder_only=true"])
+    trainer = Trainer(cfg, tmp_path / "dec", resume="none", progress=False)
+    assert sorted(trainer.objective.frozen) == ["autoencoder.encoder", "autoencoder.quant_conv"]
+    trainer.run()
+    _, dec, _ = load_model_file(tmp_path / "dec" / "model.safetensors")
+    before, after = src["autoencoder"], dec["autoencoder"]
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"decoder", "post_quant_conv"}
+
+    # a file without the networks a run exports is refused by name
+    cfg = load_train_config(LDM_CONFIG, [f"data.shards={shards}", f"init_from={tmp_path / 'ae' / 'model.safetensors'}"])
+    with pytest.raises(ValueError, match=r"holds no \['text_encoder', 'unet'\] weights"):
+        Trainer(cfg, tmp_path / "bad", resume="none", progress=False)

@@ -6,6 +6,8 @@ Examples (from the repository root)::
         --half --name latentdiff-cifar10-v1.1 --set guidance_scale=5.0 --overwrite
     python tools/pack_model.py runs/cifar10_vq_diffusion/model.safetensors latentdiff/assets/default_vq.safetensors \\
         --half --vocabulary data/cifar10-train-shards --name latentdiff-cifar10-vq-v1
+    python tools/pack_model.py runs/ldm_ft/model.safetensors packed.safetensors \\
+        --decoder runs/decoder_ft/model.safetensors
 
 ``--half`` stores floating-point weights as float16 (the embedded models are stored so and computed in float32).
 ``--set KEY=VALUE`` changes a field of the stored model config (dotted, checked like tools/train.py's overrides),
@@ -15,8 +17,10 @@ pattern, whose ``.txt`` members are read), plus those of the empty caption; ever
 shared row, the mean of the replaced ones. A text encoder trained from scratch on such captions never updates the
 other rows (they stay near their random start), and for a 49,408-token CLIP vocabulary they are most of a small
 model's file: 12.6 MB of the 42 MB VQ-Diffusion default. Prompts made of kept tokens give exactly the unpacked
-model's outputs. The output is written atomically; an existing one is replaced only with --overwrite. Bad input
-prints one message and exits with status 2.
+model's outputs. ``--decoder FILE`` replaces the autoencoder's decoder (``decoder``, ``post_quant_conv``) by that of
+FILE, an export of ``tools/train.py`` with ``objective.train_decoder_only=true`` started from SRC (``init_from``);
+FILE's encoder side must equal SRC's, since the diffusion model knows only those latents. The output is written
+atomically; an existing one is replaced only with --overwrite. Bad input prints one message and exits with status 2.
 """
 
 from __future__ import annotations
@@ -40,8 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change a field of the stored model config, e.g. guidance_scale=5.0 (repeatable)")
     p.add_argument("--vocabulary", default=None, metavar="SOURCE",
                    help="captions file or shards: keep only the token-embedding rows of their tokens")
+    p.add_argument("--decoder", default=None, metavar="FILE",
+                   help="take the autoencoder's decoder from FILE (a train_decoder_only run's model file)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
+
+
+AUTOENCODERS = ("autoencoder", "vqvae")
+DECODER_SIDE = ("post_quant_conv.", "decoder.")
+
+
+def swap_decoder(parts: dict, path: str) -> str:
+    """Replace the decoder side of ``parts``' autoencoder by that of the model file ``path``, whose encoder side
+    must equal ours (to the lower of the two precisions): the diffusion model knows only those latents."""
+    import torch
+
+    from latentdiff.io.checkpoint import load_model_file
+
+    _, other, _ = load_model_file(path)
+    names = [n for n in AUTOENCODERS if n in parts and n in other]
+    if not names:
+        raise ValueError(f"--decoder {path} and the source share no autoencoder component "
+                         f"({sorted(other)} vs {sorted(parts)})")
+    name = names[0]
+    ours, theirs = parts[name], other[name]
+    if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours):
+        raise ValueError(f"--decoder {path}: its {name} has other tensors or shapes than the source's")
+    for key in ours:
+        if key.startswith(DECODER_SIDE):
+            continue
+        a, b = ours[key], theirs[key]
+        low = a.dtype if a.element_size() <= b.element_size() else b.dtype
+        if not torch.equal(a.to(low), b.to(low)):
+            raise ValueError(f"--decoder {path}: its encoder side differs from the source's ({name}.{key}); "
+                             f"train the decoder with objective.train_decoder_only=true from the source")
+    parts[name] = {k: (theirs[k].to(v.dtype) if k.startswith(DECODER_SIDE) else v) for k, v in ours.items()}
+    return name
 
 
 def read_captions(source: str) -> list[str]:
@@ -98,6 +136,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = model_config_from_dict(apply_overrides(to_dict(cfg), args.overrides))
     except (CheckpointError, ValueError, TypeError) as e:
         fail(str(e))
+    if args.decoder:
+        try:
+            swapped = swap_decoder(parts, args.decoder)
+        except (CheckpointError, ValueError) as e:
+            fail(str(e))
+        print(f"decoder of {swapped} taken from {args.decoder}")
     if args.half:
         parts = half(parts)
     keep_rows = None

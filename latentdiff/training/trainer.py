@@ -95,7 +95,12 @@ class Trainer:
         self.amp_dtype = resolve_precision(cfg.precision, self.device)
 
         seed_everything(cfg.seed)  # identical initial weights on every rank
-        self.objective = build_objective(cfg).to(self.device)
+        self.objective = build_objective(cfg)
+        if cfg.init_from:  # a resumed run then overwrites the trained networks with its checkpoint
+            loaded = self.objective.init_from_file(cfg.init_from)
+            if dist.is_main:
+                print(f"initialised {', '.join(loaded)} from {cfg.init_from}", file=sys.stderr)
+        self.objective.to(self.device)
         if cfg.compile:
             for module in self.objective.trainable.values():
                 module.compile()

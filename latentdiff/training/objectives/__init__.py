@@ -76,6 +76,27 @@ class Objective(nn.Module):
         """(model config, component -> module) for ``save_model_file``, with the current weights."""
         raise NotImplementedError
 
+    def init_from_file(self, path: str) -> list[str]:
+        """Fine-tuning (``init_from``): load the components of the model file ``path`` into the networks that
+        :meth:`export` names, matched by component name, so a file of the same kind fits, and so does a larger one
+        that holds them (the ``autoencoder`` of a full latent-diffusion file for an autoencoder run). Every exported
+        component must be in the file with matching shapes (``CheckpointError`` otherwise); trainable networks
+        outside the export (a discriminator) keep their fresh initialisation. Returns the loaded names."""
+        from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
+
+        file_cfg, parts, _ = load_model_file(path)
+        _, modules = self.export()
+        missing = sorted(set(modules) - set(parts))
+        if missing:
+            raise CheckpointError(f"init_from={path} holds no {missing} weights (its components: {sorted(parts)})")
+        for name, module in modules.items():
+            load_into(module, parts[name], f"{name} of init_from={path}")
+        self.adopt_file_config(file_cfg)
+        return sorted(modules)
+
+    def adopt_file_config(self, file_cfg) -> None:
+        """What :meth:`init_from_file` takes from the file's config beyond weights (default: nothing)."""
+
     def extra_state(self) -> dict:
         """Plain values (no tensors needed) that the objective learned and must survive a resume."""
         return {}

@@ -3,6 +3,7 @@ network, optional LPIPS, an optional patch discriminator with its own optimizer,
 
 From ``disc_start`` on, L_G = −E[D(x̂)] with D frozen, weighted by λ = adaptive weight (Eq. 7) × ``disc_weight``,
 and the discriminator's hinge loss L_D on (x, sg(x̂)); each gradient reaches only its own network.
+``train_decoder_only`` freezes the encoder side (:func:`freeze_encoder_side`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from latentdiff.training.objectives import Objective
+from latentdiff.training.objectives import Objective, freeze
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from latentdiff.training.objectives.perceptual import LPIPS
 
@@ -29,6 +30,8 @@ class AutoencoderObjective(Objective):
         setattr(self, name, network)
         self.trainable = {name: network}
         self.ema_names = (name,)
+        if cfg.train_decoder_only:
+            self.frozen.update(freeze_encoder_side(network, name))
         if cfg.perceptual_weight > 0:
             self.lpips = LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights)
             self.frozen["lpips"] = self.lpips
@@ -75,3 +78,15 @@ class AutoencoderObjective(Objective):
 
     def export(self):
         return self.model_cfg, {self.name: self.network}
+
+
+DECODER_SIDE = ("post_quant_conv", "decoder")
+
+
+def freeze_encoder_side(network: nn.Module, name: str) -> dict[str, nn.Module]:
+    """``train_decoder_only``: everything but ``post_quant_conv`` and ``decoder`` stops learning (the encoder,
+    ``quant_conv``, a VQ codebook, whose EMA updates and code restarts run only in training mode), so z = E(x)
+    stays what a diffusion model was trained on while the decoder is fine-tuned (as Stable Diffusion's ft-EMA /
+    ft-MSE VAE decoders were). The KL term is then a constant. Returns the frozen parts, to be kept in eval mode."""
+    return {f"{name}.{child_name}": freeze(child) for child_name, child in network.named_children()
+            if child_name not in DECODER_SIDE}

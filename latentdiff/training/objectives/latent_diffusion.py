@@ -18,7 +18,7 @@ a frozen KL autoencoder, conditioned on text through cross-attention.
 
 The latent scale s: with ``scale_latents_by_std`` a fresh run sets s = 1 / std(z − shift) over its first batch
 (all ranks), as CompVis ``scale_by_std`` does, so the diffusion model sees roughly unit-variance latents; s is
-checkpointed and exported in the model config.
+checkpointed and exported in the model config. A run fine-tuning an exported model (``init_from``) keeps its s.
 
 Latent shards (:func:`latentdiff.data.latents.cache_latents` with ``encode_fn=vae.encode`` of the same
 ``autoencoder_checkpoint``) skip step 1: their latents were scaled by the checkpoint's s₀ and are rescaled by
@@ -53,11 +53,12 @@ class LatentDiffusionObjective(Objective):
             raise ValueError(f"objective.sample_sampler={cfg.sample_sampler!r} is not one of {sorted(SAMPLERS)}")
         model_cfg = copy.deepcopy(train_cfg.model)
         ae_state = None
-        if cfg.autoencoder_checkpoint:
-            ae_cfg, ae_state = _read_autoencoder(cfg.autoencoder_checkpoint)
+        ae_source = cfg.autoencoder_checkpoint or train_cfg.init_from  # a fine-tuned model brings its own
+        if ae_source:
+            ae_cfg, ae_state = _read_autoencoder(ae_source)
             if ae_cfg != model_cfg.autoencoder:
-                print(f"note: using the autoencoder config stored in {cfg.autoencoder_checkpoint} instead of "
-                      f"model.autoencoder", file=sys.stderr)
+                print(f"note: using the autoencoder config stored in {ae_source} instead of model.autoencoder",
+                      file=sys.stderr)
             model_cfg = dataclasses.replace(model_cfg, autoencoder=ae_cfg)  # re-validates the whole model
         else:
             print("warning: objective.autoencoder_checkpoint is not set: the frozen autoencoder has random "
@@ -69,11 +70,18 @@ class LatentDiffusionObjective(Objective):
         self.text_encoder = build_text_encoder(model_cfg.text_encoder)
         self.autoencoder = freeze(AutoencoderKL(model_cfg.autoencoder))
         if ae_state is not None:
-            load_into(self.autoencoder, ae_state, f"autoencoder of {cfg.autoencoder_checkpoint}")
+            load_into(self.autoencoder, ae_state, f"autoencoder of {ae_source}")
         self.frozen["autoencoder"] = self.autoencoder
         self.trainable = {"unet": self.unet}
         self.add_text_encoder(self.text_encoder, cfg.train_text_encoder, model_cfg.text_encoder.layer)
         self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
+        self.scale_from_file = False  # set by init_from: keep that model's latent scale s
+
+    def adopt_file_config(self, file_cfg) -> None:
+        """Fine-tuning keeps the latent scale s (and shift) the initialising model was trained with."""
+        ae = self.autoencoder.cfg
+        ae.scaling_factor, ae.shift_factor = file_cfg.autoencoder.scaling_factor, file_cfg.autoencoder.shift_factor
+        self.scale_from_file = True
 
     def _schedule_on(self, device: torch.device) -> DiffusionSchedule:
         if self.schedule.device != device:
@@ -83,7 +91,7 @@ class LatentDiffusionObjective(Objective):
     @torch.no_grad()
     def prepare(self, batch: dict, dist) -> None:
         """Fresh run: s = 1 / std(z − shift) over the first batch of every rank (mode of q(z|x), no RNG used)."""
-        if not self.cfg.scale_latents_by_std:
+        if not self.cfg.scale_latents_by_std or self.scale_from_file:
             return
         ae_cfg = self.autoencoder.cfg
         if "latent" in batch:
@@ -151,9 +159,9 @@ def _read_autoencoder(path: str):
     try:
         cfg, parts, _ = load_model_file(path)
     except CheckpointError as e:
-        raise ValueError(f"objective.autoencoder_checkpoint: {e}") from None
+        raise ValueError(f"the autoencoder source: {e}") from None
     if "autoencoder" not in parts or not hasattr(cfg, "autoencoder"):
-        raise ValueError(f"objective.autoencoder_checkpoint={path!r} holds no 'autoencoder' weights "
+        raise ValueError(f"the autoencoder source {path!r} holds no 'autoencoder' weights "
                          f"(components: {sorted(parts)})")
     return cfg.autoencoder, parts["autoencoder"]
 

@@ -21,12 +21,14 @@ def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
     return buf.getvalue()
 
 
-def save_png_new(image: Image.Image, outdir: str | Path, parameters: str | None = None, stem: str = "") -> Path:
-    """Write ``outdir/NNNNN[-stem].png`` with the next free number; an existing file is never overwritten."""
+def save_png_new(image: Image.Image, outdir: str | Path, parameters: str | None = None, stem: str = "",
+                 first_index: int = 0) -> Path:
+    """Write ``outdir/NNNNN[-stem].png`` with the next free number (at least ``first_index``); an existing file is
+    never overwritten."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     data = png_bytes(image, parameters)
-    index = _next_index(outdir)
+    index = max(_next_index(outdir), first_index)
     while True:
         path = outdir / (f"{index:05d}-{stem}.png" if stem else f"{index:05d}.png")
         try:

@@ -150,3 +150,22 @@ def test_sweep_writes_table_and_plot(assets, tmp_path):
     with Image.open(out / "sweep.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
     assert (out / "ddim-1" / "results.json").is_file()
+
+
+def test_split_runs_with_start_merge_into_the_whole(assets, tmp_path):
+    """Images 0-1 in one run and 2-4 in another (--start 2) are the images of one run of 5, file for file."""
+    common = ("--reference", "none", "--no-clip", "--seed", "3")
+    whole, first, second = tmp_path / "whole", tmp_path / "a", tmp_path / "b"
+    assert eval_tool.main(_argv(assets, whole, *common, "--num-samples", "5")) == 0
+    assert eval_tool.main(_argv(assets, first, *common, "--num-samples", "2")) == 0
+    assert eval_tool.main(_argv(assets, second, *common, "--num-samples", "3", "--start", "2")) == 0
+    parts = sorted(p.name for p in (first / "images").glob("*.png")) + sorted(
+        p.name for p in (second / "images").glob("*.png"))
+    assert parts == [f"{i:05d}.png" for i in range(5)]
+    for name in parts:
+        folder = first if (first / "images" / name).exists() else second
+        assert (folder / "images" / name).read_bytes() == (whole / "images" / name).read_bytes(), name
+    assert json.loads((second / "results.json").read_text())["start"] == 2
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main(_argv(assets, tmp_path / "bad", *common, "--start", "-1"))
+    assert e.value.code == 2

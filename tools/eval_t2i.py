@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
     add_common_arguments(p)
+    p.add_argument("--start", type=int, default=0,
+                   help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
+                        "or machines, then merge their images/ folders and run tools/fid.py on the whole)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for the CLIP score")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", help="open_clip pretrained tag (local cache)")
     p.add_argument("--clip-weights", default=None, help="local open_clip weights file (overrides --clip-pretrained)")
@@ -104,8 +107,9 @@ def load_everything(args, clip: dict | None):
     try:
         pipe = load_pipeline(args.ckpt, device=device, dtype=dtype)
         names = CIFAR10_CLASSES
-        prompts = (class_prompts(names, args.num_samples) if args.captions == "cifar10"
-                   else file_prompts(args.captions, args.num_samples, names))
+        start = getattr(args, "start", 0)
+        prompts = (class_prompts(names, args.num_samples, start=start) if args.captions == "cifar10"
+                   else file_prompts(args.captions, args.num_samples, names, start=start))
         judges = load_judges(None if args.reference == "none" else args.reference, args.classifier, clip,
                              inception_weights=args.inception_weights, reference_samples=args.reference_samples,
                              cache_dir=args.cache_dir or _default_cache(), device=device,
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     check_common(args)
     if args.steps <= 0:
         fail(f"--steps must be a positive integer, got {args.steps}")
+    if args.start < 0:
+        fail(f"--start must be >= 0, got {args.start}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download CLIP weights from here
 
     from latentdiff.metrics.t2i import BenchmarkSettings, run_benchmark, write_results
@@ -139,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps > pipe.schedule.num_timesteps:
         fail(f"--steps {args.steps} exceeds the model's {pipe.schedule.num_timesteps} diffusion timesteps")
     settings = BenchmarkSettings(sampler=args.sampler, steps=args.steps, scale=args.scale, seed=args.seed,
-                                 eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt)
+                                 eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
+                                 start=args.start)
     try:
         result = run_benchmark(pipe, prompts, settings, args.outdir, judges, device=device, checkpoint=args.ckpt,
                                progress=not args.quiet)

@@ -10,7 +10,9 @@ measured on those files, so what is scored is exactly what was saved (8-bit RGB)
 a CIFAR-10 classifier (latentdiff.metrics.classifier) on the same 8-bit images, for captions naming exactly one
 class: an offline measure of how well images follow their captions.
 
-Sample i uses caption i mod K and seed ``seed + i``, so any image can be regenerated alone from its PNG.
+Sample i uses caption i mod K and seed ``seed + i``, so any image can be regenerated alone from its PNG, and a
+benchmark can be split into runs of samples ``start``, ..., ``start + N − 1`` whose image folders merge (PNG i is
+named ``i``).
 """
 
 from __future__ import annotations
@@ -68,15 +70,18 @@ def caption_label(caption: str, class_names: list[str]) -> int | None:
     return found[0] if len(found) == 1 else None
 
 
-def class_prompts(class_names, num_samples: int, template: str = CLASS_TEMPLATE) -> Prompts:
-    """``num_samples`` class captions cycling evenly over ``class_names`` (sample i: class i mod K)."""
+def class_prompts(class_names, num_samples: int, template: str = CLASS_TEMPLATE, start: int = 0) -> Prompts:
+    """``num_samples`` class captions cycling evenly over ``class_names``: samples start, ..., start + N − 1,
+    sample i of class i mod K."""
     names = list(class_names)
-    captions = [fill_template(template, names[i % len(names)]) for i in range(num_samples)]
-    return Prompts(captions, [i % len(names) for i in range(num_samples)], names, f"classes ({template!r})")
+    indices = range(start, start + num_samples)
+    captions = [fill_template(template, names[i % len(names)]) for i in indices]
+    return Prompts(captions, [i % len(names) for i in indices], names, f"classes ({template!r})")
 
 
-def file_prompts(path: str | Path, num_samples: int, class_names=CIFAR10_CLASSES) -> Prompts:
-    """Captions from a text file (one per line, blank lines skipped), cycled to ``num_samples``."""
+def file_prompts(path: str | Path, num_samples: int, class_names=CIFAR10_CLASSES, start: int = 0) -> Prompts:
+    """Captions from a text file (one per line, blank lines skipped), cycled: samples start, ..., start + N − 1,
+    sample i with line i mod (number of lines)."""
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as e:
@@ -84,7 +89,7 @@ def file_prompts(path: str | Path, num_samples: int, class_names=CIFAR10_CLASSES
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError(f"captions file {path} holds no caption")
-    captions = [lines[i % len(lines)] for i in range(num_samples)]
+    captions = [lines[i % len(lines)] for i in range(start, start + num_samples)]
     names = list(class_names)
     return Prompts(captions, [caption_label(c, names) for c in captions], names, f"file {path}")
 
@@ -96,6 +101,7 @@ class BenchmarkSettings:
     scale: float | None = None  # None: the model's default guidance scale
     seed: int = 0
     eta: float = 0.0
+    start: int = 0  # index of the first sample: one benchmark split over runs, each writing its own indices
     batch_size: int = 50
     negative_prompt: str = ""
 
@@ -184,10 +190,11 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
             batch = prompts.captions[first:first + settings.batch_size]
             images, params = pipe.generate(batch, negative_prompt=settings.negative_prompt or None,
                                            steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
-                                           seed=settings.seed + first, eta=settings.eta)  # (b, 3, H, W)
+                                           seed=settings.seed + settings.start + first,
+                                           eta=settings.eta)  # (b, 3, H, W)
             images = quantize(images)
             for im, p in zip(to_pil(images), params):
-                paths.append(save_png_new(im, folder, p.to_text()))
+                paths.append(save_png_new(im, folder, p.to_text(), first_index=settings.start))
             if classifier is not None:
                 predictions.append(classifier.predict(images).argmax(dim=1).cpu())
             bar.update(len(batch))

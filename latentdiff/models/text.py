@@ -55,10 +55,12 @@ class Tokenizer:
         self.context_length = context_length
         self.pad_token = pad_token
         self._bpe = _bpe()
+        # training encodes the same few captions every step: BPE is pure Python (~0.1 ms per caption)
+        self._encode_cached = lru_cache(maxsize=2**16)(lambda prompt: tuple(self._bpe.encode(prompt)))
 
     def encode(self, prompt: str) -> list[int]:
-        """BPE ids of one prompt, without start/end tokens and without truncation."""
-        return self._bpe.encode(prompt)
+        """BPE ids of one prompt, without start/end tokens and without truncation (memoised per prompt)."""
+        return list(self._encode_cached(prompt))
 
     def decode(self, ids) -> str:
         """Text of a sequence of ids; the start token is skipped and decoding stops at the end token."""
@@ -73,17 +75,17 @@ class Tokenizer:
         if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
         keep = self.context_length - 2
-        ids = torch.full((len(prompts), self.context_length), self.pad_token, dtype=torch.long)  # (B, L)
-        for i, prompt in enumerate(prompts):
-            bpe = self.encode(prompt)
+        rows = []
+        for prompt in prompts:
+            bpe = self._encode_cached(prompt)
             if len(bpe) > keep:
                 dropped = self._bpe.decode(bpe[keep:]).strip()
                 warnings.warn(f'prompt truncated to {self.context_length} tokens; dropped: "{dropped}"',
                               stacklevel=2)
                 bpe = bpe[:keep]
             row = [START_TOKEN, *bpe, END_TOKEN]
-            ids[i, : len(row)] = torch.tensor(row)
-        return ids
+            rows.append(row + [self.pad_token] * (self.context_length - len(row)))
+        return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), self.context_length)  # (B, L)
 
     @staticmethod
     def lengths(ids: torch.Tensor) -> torch.Tensor:

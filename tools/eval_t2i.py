@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_arguments(p)
     p.add_argument("--start", type=int, default=0,
                    help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
-                        "or machines, then merge their images/ folders and run tools/fid.py on the whole)")
+                        "or machines, then merge their images/ folders and run tools/fid.py on the whole; latent "
+                        "diffusion seeds each image, so the merge equals one run; VQ-Diffusion seeds each batch)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model for the CLIP score")
     p.add_argument("--clip-pretrained", default="laion2b_s34b_b79k", help="open_clip pretrained tag (local cache)")
     p.add_argument("--clip-weights", default=None, help="local open_clip weights file (overrides --clip-pretrained)")

@@ -8,6 +8,8 @@
 #   prepare: latentdiff/assets/default_vq.safetensors moved out of the checkout (see .device/vq_rest.sh)
 #   run: carry [".device", ".whlmin"], command "bash .device/finetune.sh", timeout_s 590
 # CPU rehearsal: DEV=cpu BUDGET=150 KEEP=/tmp/k RUNS=/tmp/r OUT=/tmp/o TINY=1 bash .device/finetune.sh
+# Run once on an H200 (2026-11-28, second lease): setup 16 s, 7.9 min of training, all done at 549 s; 42 MB back.
+# Call 1 had needed pytorch_fid among the wheels (eval_t2i imports it) and was run twice; 236 s of the lease were left.
 T0=$(date +%s)
 BUDGET=${BUDGET:-545}
 DEV=${DEV:-cuda}

@@ -8,6 +8,8 @@
 # guidance scale 3 and truncation 0.9, fp32, batch 1000). Call 2, started at once with default_vq.safetensors moved
 # out of the checkout and the shards carried, collects them from /root/keep/eval_vq_rest.
 #   prepare: mkdir .vqcarry; mv latentdiff/assets/default_vq.safetensors .vqcarry/   (back after both calls)
+#            .whlmin/ (ignored): the wheels of .device/device.sh's list without diffusers, pytorch_fid included
+#            (tools/eval_t2i.py imports it); /.whlmin/ and /.vqcarry/ in .git/info/exclude
 #   run: carry [".whlmin", ".vqcarry"], command "bash .device/vq_rest.sh", timeout_s 120
 T0=$(date +%s)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whlmin/*.whl \

@@ -51,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 AUTOENCODERS = ("autoencoder", "vqvae")
-DECODER_SIDE = ("post_quant_conv.", "decoder.")
 
 
 def swap_decoder(parts: dict, path: str) -> str:
@@ -60,6 +59,10 @@ def swap_decoder(parts: dict, path: str) -> str:
     import torch
 
     from latentdiff.io.checkpoint import load_model_file
+    from latentdiff.models.autoencoder_blocks import DECODER_SIDE
+
+    def decoder_side(key: str) -> bool:
+        return key.split(".", 1)[0] in DECODER_SIDE
 
     _, other, _ = load_model_file(path)
     names = [n for n in AUTOENCODERS if n in parts and n in other]
@@ -71,14 +74,14 @@ def swap_decoder(parts: dict, path: str) -> str:
     if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours):
         raise ValueError(f"--decoder {path}: its {name} has other tensors or shapes than the source's")
     for key in ours:
-        if key.startswith(DECODER_SIDE):
+        if decoder_side(key):
             continue
         a, b = ours[key], theirs[key]
         low = a.dtype if a.element_size() <= b.element_size() else b.dtype
         if not torch.equal(a.to(low), b.to(low)):
             raise ValueError(f"--decoder {path}: its encoder side differs from the source's ({name}.{key}); "
                              f"train the decoder with objective.train_decoder_only=true from the source")
-    parts[name] = {k: (theirs[k].to(v.dtype) if k.startswith(DECODER_SIDE) else v) for k, v in ours.items()}
+    parts[name] = {k: (theirs[k].to(v.dtype) if decoder_side(k) else v) for k, v in ours.items()}
     return name
 
 

@@ -27,6 +27,10 @@ from torch import nn
 
 from latentdiff.models.attention import attention
 
+# the submodules of either autoencoder that map latents to pixels (the rest, encoder, quant_conv and a VQ codebook,
+# defines the latents): a decoder fine-tune trains only these
+DECODER_SIDE = ("post_quant_conv", "decoder")
+
 
 def Normalize(channels: int, num_groups: int) -> nn.GroupNorm:
     """GroupNorm with the eps (1e-6) of the CompVis autoencoders."""

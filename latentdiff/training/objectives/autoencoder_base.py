@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from latentdiff.models.autoencoder_blocks import DECODER_SIDE
 from latentdiff.training.objectives import Objective, freeze
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
 from latentdiff.training.objectives.perceptual import LPIPS
@@ -78,9 +79,6 @@ class AutoencoderObjective(Objective):
 
     def export(self):
         return self.model_cfg, {self.name: self.network}
-
-
-DECODER_SIDE = ("post_quant_conv", "decoder")
 
 
 def freeze_encoder_side(network: nn.Module, name: str) -> dict[str, nn.Module]:

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import latentdiff
+from latentdiff.assets import EMBEDDED_MODELS
 from latentdiff.io.checkpoint import read_safetensors
 from latentdiff.metrics.t2i import CIFAR10_CLASSES, class_prompts
-from latentdiff.pipelines import EMBEDDED_MODELS
 
 
 @pytest.mark.parametrize("name, kind", [("default", "LatentDiffusionPipeline"),

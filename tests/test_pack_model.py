@@ -8,7 +8,7 @@ import torch
 
 import latentdiff
 from latentdiff.io.checkpoint import load_model_file, read_safetensors, save_model_file
-from latentdiff.models.text import Tokenizer
+from latentdiff.models.tokenizer import Tokenizer
 from latentdiff.pipelines import LatentDiffusionPipeline
 from tests.tiny import make_shards, tiny_ldm_config
 

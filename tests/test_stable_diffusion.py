@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from latentdiff import load_pipeline
+from latentdiff.assets import SD_CONFIGS_DIR
 from latentdiff.io.checkpoint import CheckpointError
 from latentdiff.io.stable_diffusion import read_stable_diffusion
 from tests import sd_helpers as H
@@ -155,7 +156,7 @@ def test_bundled_family_configs_have_released_sizes():
         return sum(p.numel() for p in module.parameters())
 
     for name, unet_params in (("sd15", 859_520_964), ("sd2_base", 865_910_724), ("sd2_768_v", 865_910_724)):
-        cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+        cfg = load_config(SD_CONFIGS_DIR / f"{name}.yaml")
         with torch.device("meta"):
             assert (count(UNetModel(cfg.unet)), count(AutoencoderKL(cfg.autoencoder))) == (unet_params, 83_653_863)
 

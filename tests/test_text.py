@@ -16,7 +16,8 @@ from latentdiff.io.convert_text import (
     text_config_from_state_dict,
     text_state_dict_from_single_file,
 )
-from latentdiff.models.text import END_TOKEN, START_TOKEN, Tokenizer, build_text_encoder
+from latentdiff.models.text_encoders import build_text_encoder
+from latentdiff.models.tokenizer import END_TOKEN, START_TOKEN, Tokenizer
 
 PROMPTS = [
     "a photo of a cat",

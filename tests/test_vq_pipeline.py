@@ -12,8 +12,7 @@ from latentdiff.diffusion.discrete_sampling import sample
 from latentdiff.io.checkpoint import CheckpointError, save_model_file
 from latentdiff.io.convert_vae import vae_state_dict_to_diffusers
 from latentdiff.io.convert_vq import transformer_config_to_diffusers, transformer_state_dict_to_diffusers
-from latentdiff.pipelines import parse_parameters
-from latentdiff.pipelines_vq import VQDiffusionPipeline, load_vq_diffusion_folder
+from latentdiff.pipelines import VQDiffusionPipeline, load_vq_diffusion_folder, parse_parameters
 
 K, S, T = 32, 4, 10  # codes, code grid side, diffusion steps
 

@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import latentdiff.pipelines_vq  # noqa: F401  (registers the VQ pipeline with load_pipeline)
 from latentdiff.config import load_train_config, train_config_from_dict
 from latentdiff.diffusion.discrete import ImportanceTimestepSampler
 from latentdiff.io.checkpoint import load_model_file

@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from latentdiff.atomic import atomic_write  # noqa: E402
 from latentdiff.config import ScheduleConfig, UNetConfig  # noqa: E402
 from latentdiff.diffusion.samplers import classifier_free_guidance, sample  # noqa: E402
 from latentdiff.diffusion.schedule import DiffusionSchedule  # noqa: E402
-from latentdiff.io.atomic import atomic_write  # noqa: E402
 from latentdiff.io.convert_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers  # noqa: E402
 from latentdiff.models.attention import get_attention_backend, set_attention_backend  # noqa: E402
 from latentdiff.models.unet import UNetModel  # noqa: E402

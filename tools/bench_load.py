@@ -66,7 +66,7 @@ def sd15_state(dtype, ema: bool):
     from latentdiff.config import load_config
     from latentdiff.io.export import sd_state_dict
     from latentdiff.models.autoencoder_kl import AutoencoderKL
-    from latentdiff.models.text import build_text_encoder
+    from latentdiff.models.text_encoders import build_text_encoder
     from latentdiff.models.unet import UNetModel
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "sd15.yaml")
@@ -92,7 +92,7 @@ def sd15_state(dtype, ema: bool):
 def write_checkpoint(path: Path, dtype_name: str, ema: bool) -> None:
     import torch
 
-    from latentdiff.io.atomic import atomic_write
+    from latentdiff.atomic import atomic_write
     from latentdiff.io.safetensors_stream import write_safetensors
 
     dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
@@ -158,7 +158,7 @@ def main(argv=None) -> int:
           f"(load itself adds {(peak - best['baseline_rss']) / gib:.2f} GiB = {result['added_peak_over_file']:.2f} x)")
     print(f"load time:     {best['load_s']:.2f} s (best of {args.repeats})")
     if args.json:
-        from latentdiff.io.atomic import atomic_write
+        from latentdiff.atomic import atomic_write
 
         with atomic_write(args.json, "w") as f:
             f.write(json.dumps(result, indent=2))

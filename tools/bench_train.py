@@ -174,7 +174,7 @@ def main(argv=None) -> None:
         print(f"{name:<14}{r['step_s'][name] * 1e3:>10.1f}{r['samples_per_s'][name]:>12.1f}")
     print(f"ratio (diffusers time / latentdiff time): {r['ratio']:.3f}")
     if args.json:
-        from latentdiff.io.atomic import atomic_write
+        from latentdiff.atomic import atomic_write
 
         with atomic_write(args.json, "w") as f:
             json.dump(r, f, indent=2)

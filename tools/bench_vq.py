@@ -93,7 +93,7 @@ def build_diffusers(preset: dict, workdir: Path):
 def convert(ref, workdir: Path | None):
     """The same weights as a latentdiff VQDiffusionPipeline: in memory, or through a saved diffusers folder."""
     from latentdiff.io.vq_diffusion import NULL_EMBEDDINGS, vq_diffusion_from_diffusers
-    from latentdiff.pipelines_vq import VQDiffusionPipeline, load_vq_diffusion_folder
+    from latentdiff.pipelines import VQDiffusionPipeline, load_vq_diffusion_folder
 
     if workdir is not None:
         ref.save_pretrained(workdir / "diffusers")

@@ -113,7 +113,7 @@ def vocabulary_ids(text_encoder_cfg, captions: list[str]):
     """Sorted ids of every token the model's tokenizer gives for ``captions`` and for the empty caption."""
     import torch
 
-    from latentdiff.models.text import Tokenizer, default_pad_token
+    from latentdiff.models.tokenizer import Tokenizer, default_pad_token
 
     tokenizer = Tokenizer(text_encoder_cfg.context_length, pad_token=default_pad_token(text_encoder_cfg))
     ids = {int(i) for i in tokenizer("")[0]}

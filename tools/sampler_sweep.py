@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             if images.is_dir() and any(images.glob("*.png")):
                 fail(f"{images} already holds images; choose a new --outdir")
 
-    from latentdiff.io.atomic import atomic_write
+    from latentdiff.atomic import atomic_write
     from latentdiff.metrics.t2i import BenchmarkSettings, plot_sweep, run_benchmark, sweep_markdown, write_results
 
     pipe, prompts, judges, device = load_everything(args, clip=None)

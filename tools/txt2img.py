@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from latentdiff import load_pipeline
-    from latentdiff.images import make_grid, save_png_new
+    from latentdiff.io.images import make_grid, save_png_new
 
     device, dtype = resolve_device_dtype(args.device, args.precision)
     extra = {"prediction_type": args.prediction_type} if args.prediction_type else {}

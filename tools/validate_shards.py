@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from latentdiff.atomic import atomic_write  # noqa: E402
 from latentdiff.cli import ArgumentParser, fail  # noqa: E402
 from latentdiff.data.stats import DataStats  # noqa: E402
 from latentdiff.data.validate import validate_shards  # noqa: E402
-from latentdiff.io.atomic import atomic_write  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "latentdiff-shards/1"

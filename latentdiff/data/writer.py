@@ -6,7 +6,7 @@
 
 Members are written in the order given, as regular files with fixed metadata (mtime 0, uid/gid 0, no user
 names, mode 0644), so the same samples always give byte-identical shards. Each shard goes through
-:func:`latentdiff.io.atomic.atomic_write` (temp file, fsync, rename): a reader never sees half a shard, and an
+:func:`latentdiff.atomic.atomic_write` (temp file, fsync, rename): a reader never sees half a shard, and an
 interrupted write leaves only a ``.tmp-*`` file. Keys must not contain '.' or '/' (webdataset splits the member
 name at the first dot of the file name).
 
@@ -21,8 +21,8 @@ import io
 import tarfile
 from pathlib import Path
 
+from latentdiff.atomic import atomic_write
 from latentdiff.data.manifest import MANIFEST_NAME, ShardRecord, load_manifest
-from latentdiff.io.atomic import atomic_write
 
 
 class _HashingFile:

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
 
 FORMAT_NAME = "latentdiff"
 FORMAT_VERSION = "1"

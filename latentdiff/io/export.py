@@ -27,24 +27,21 @@ never replace an existing target unless ``overwrite=True``.
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from latentdiff.atomic import atomic_folder, atomic_write
 from latentdiff.config import LatentDiffusionConfig, TextEncoderConfig
-from latentdiff.io.atomic import atomic_write
-from latentdiff.io.checkpoint import CheckpointError, is_model_file, load_model_file, save_model_file
+from latentdiff.io.checkpoint import CheckpointError, load_model_file, save_model_file
 from latentdiff.io.convert_text import hf_text_to_openclip, openclip_text_to_hf
 from latentdiff.io.convert_unet import unet_config_to_diffusers, unet_state_dict_to_diffusers
 from latentdiff.io.convert_vae import autoencoder_config_to_diffusers, vae_state_dict_to_diffusers
+from latentdiff.io.formats import FORMATS, detect_format
 from latentdiff.io.safetensors_stream import write_safetensors
 from latentdiff.io.stable_diffusion import (
     SD1_TEXT_PREFIX,
@@ -54,9 +51,8 @@ from latentdiff.io.stable_diffusion import (
     Parts,
     read_stable_diffusion,
 )
-from latentdiff.models.text import END_TOKEN, START_TOKEN, default_pad_token
+from latentdiff.models.tokenizer import END_TOKEN, START_TOKEN, default_pad_token
 
-FORMATS = ("sd", "diffusers", "latentdiff")
 SAFETENSORS_METADATA = {"format": "pt"}  # what transformers / diffusers expect in their .safetensors files
 
 
@@ -206,42 +202,6 @@ def diffusers_files(cfg: LatentDiffusionConfig, parts: Parts) -> dict[str, dict 
     return files
 
 
-@contextlib.contextmanager
-def atomic_folder(target: str | Path, overwrite: bool = False):
-    """Yield a fresh folder beside ``target``; on clean exit it replaces ``target`` by rename (a previous
-    ``target`` is moved aside first, put back if the rename fails, and deleted last); on error it is deleted."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}.", dir=target.parent)) / target.name
-        if target.exists():
-            target.rename(old)
-        try:
-            tmp.rename(target)
-        except BaseException:
-            if old.exists():
-                old.rename(target)
-            raise
-        shutil.rmtree(old.parent)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def save_diffusers_folder(folder: str | Path, cfg: LatentDiffusionConfig, parts: Parts,
                           overwrite: bool = False) -> Path:
     """Write a diffusers ``StableDiffusionPipeline`` folder (see the module docstring)."""
@@ -258,18 +218,6 @@ def save_diffusers_folder(folder: str | Path, cfg: LatentDiffusionConfig, parts:
 
 
 # -- conversion -----------------------------------------------------------------------------------------------------
-
-def detect_format(path: str | Path) -> str:
-    """'diffusers' (a folder with model_index.json), 'latentdiff' (our model file) or 'sd' (any other file)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise CheckpointError(f"{path} is a folder without model_index.json, not a diffusers pipeline")
-        return "diffusers"
-    return "latentdiff" if is_model_file(path) else "sd"
-
 
 def read_checkpoint(path: str | Path, fmt: str = "auto", prediction_type: str | None = None,
                     use_ema: bool | None = None, overrides: list[str] = ()) -> tuple[LatentDiffusionConfig, Parts]:

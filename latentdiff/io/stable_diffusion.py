@@ -22,12 +22,12 @@ reported by a warning, never guessed silently:
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
+from latentdiff.assets import SD_CONFIGS_DIR
 from latentdiff.config import (
     LatentDiffusionConfig,
     ScheduleConfig,
@@ -37,7 +37,7 @@ from latentdiff.config import (
     model_config_from_dict,
     to_dict,
 )
-from latentdiff.io.checkpoint import PICKLE_SUFFIXES, CheckpointError, check_finite
+from latentdiff.io.checkpoint import CheckpointError, check_finite
 from latentdiff.io.convert_text import openclip_text_to_hf, text_config_from_hf, text_config_from_state_dict
 from latentdiff.io.convert_unet import (
     unet_config_from_diffusers,
@@ -49,9 +49,10 @@ from latentdiff.io.convert_vae import (
     autoencoder_config_from_state_dict,
     vae_state_dict_from_diffusers,
 )
+from latentdiff.io.diffusers_folder import MODEL_INDEX, read_component, read_json
+from latentdiff.io.formats import detect_format
 from latentdiff.io.safetensors_stream import TensorSource
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
 VAE_PREFIX = "first_stage_model."
@@ -71,7 +72,7 @@ def family_config(text_kind: str, prediction_type: str | None) -> LatentDiffusio
         name = "sd15.yaml"
     else:
         name = "sd2_768_v.yaml" if prediction_type == "v_prediction" else "sd2_base.yaml"
-    path = CONFIGS / name
+    path = SD_CONFIGS_DIR / name
     if not path.is_file():
         raise CheckpointError(f"the bundled Stable Diffusion config {path} is missing from this install")
     return load_config(path)
@@ -197,44 +198,6 @@ def load_single_file(path: str | Path, prediction_type: str | None = None, use_e
 
 # -- diffusers folders ----------------------------------------------------------------------------------------------
 
-WEIGHT_FILES = {
-    "unet": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-             "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin"),
-    "text_encoder": ("model.safetensors", "model.fp16.safetensors", "pytorch_model.bin", "pytorch_model.fp16.bin"),
-}
-WEIGHT_FILES["vae"] = WEIGHT_FILES["unet"]
-
-
-def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing") from None
-    except OSError as e:
-        raise CheckpointError(f"cannot read {path}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
-def read_component(folder: Path, component: str) -> dict[str, torch.Tensor]:
-    """The weights of one diffusers component: safetensors first, then fp16 variants, then pickles (read with
-    ``weights_only=True``); sharded files through their ``.index.json``."""
-    for name in WEIGHT_FILES[component]:
-        index = folder / component / (name + ".index.json")
-        files = sorted(set(read_json(index).get("weight_map", {}).values())) if index.is_file() else [name]
-        paths = [folder / component / f for f in files]
-        if all(p.is_file() for p in paths):
-            out = {}
-            for p in paths:
-                source = TensorSource(p)
-                out.update({k: source.get(k) for k in source.keys()})
-            return out
-    raise CheckpointError(f"{folder / component}: none of {list(WEIGHT_FILES[component])} found")
-
-
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 
 
@@ -269,9 +232,9 @@ def load_diffusers_folder(folder: str | Path, prediction_type: str | None = None
                           overrides: list[str] = ()) -> tuple[LatentDiffusionConfig, Parts]:
     """``(config, parts)`` from a diffusers Stable Diffusion folder (``model_index.json`` at its root)."""
     folder = Path(folder)
-    if not (folder / "model_index.json").is_file():
-        raise CheckpointError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
-    index = read_json(folder / "model_index.json")
+    if not (folder / MODEL_INDEX).is_file():
+        raise CheckpointError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX})")
+    index = read_json(folder / MODEL_INDEX)
     kind = index.get("_class_name", "?")
     if "text_encoder_2" in index or not all(k in index for k in ("unet", "vae", "text_encoder")):
         raise CheckpointError(f"{folder} holds a diffusers {kind}, not a Stable Diffusion 1.x/2.x pipeline "
@@ -339,24 +302,11 @@ def read_stable_diffusion(path: str | Path, prediction_type: str | None = None, 
                           overrides: list[str] = ()) -> tuple[LatentDiffusionConfig, Parts]:
     """``(config, parts)`` from a single file (``.safetensors``/``.ckpt``) or a diffusers folder."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
+    fmt = detect_format(path)
+    if fmt == "latentdiff":
+        raise CheckpointError(f"{path} is a latentdiff model file, not a Stable Diffusion checkpoint")
+    if fmt == "diffusers":
         if use_ema:
             raise CheckpointError(f"{path}: a diffusers folder holds one U-Net; EMA selection applies to single files")
         return load_diffusers_folder(path, prediction_type, overrides)
-    if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: unsupported checkpoint type {path.suffix!r}; expected a .safetensors or .ckpt "
-                              f"file or a diffusers folder")
     return load_single_file(path, prediction_type, use_ema, overrides)
-
-
-def load_stable_diffusion(path: str | Path, prediction_type: str | None = None, use_ema: bool | None = None,
-                          overrides: list[str] = (), dtype: torch.dtype | None = None):
-    """A :class:`~latentdiff.pipelines.LatentDiffusionPipeline` from a single file or a diffusers folder, in the
-    weights' dtype unless ``dtype`` is given."""
-    path = Path(path)
-    cfg, parts = read_stable_diffusion(path, prediction_type, use_ema, overrides)
-    from latentdiff.pipelines import LatentDiffusionPipeline
-
-    return LatentDiffusionPipeline.from_parts(cfg, unify_dtype(parts, dtype), name=path.stem)

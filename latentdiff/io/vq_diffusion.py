@@ -10,7 +10,7 @@ Layout (``model_index.json`` with ``"_class_name": "VQDiffusionPipeline"``)::
     tokenizer/                                      not read: latentdiff's CLIP BPE tokenizer gives the same ids
 
 Key and config conversion live in :mod:`latentdiff.io.convert_vq`; the pipeline is built by
-:func:`latentdiff.pipelines_vq.load_vq_diffusion_folder`.
+:func:`latentdiff.pipelines.load.load_vq_diffusion_folder`.
 """
 
 from __future__ import annotations
@@ -28,36 +28,16 @@ from latentdiff.io.convert_vq import (
     vq_model_config_from_diffusers,
     vq_model_state_dict_from_diffusers,
 )
-from latentdiff.io.safetensors_stream import TensorSource
-from latentdiff.io.stable_diffusion import hf_text_weights, read_json
+from latentdiff.io.diffusers_folder import pipeline_class, read_component, read_json
+from latentdiff.io.stable_diffusion import hf_text_weights
 
 PIPELINE_CLASS = "VQDiffusionPipeline"
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors",
-                "model.fp16.safetensors", "diffusion_pytorch_model.bin", "pytorch_model.bin")
 NULL_EMBEDDINGS = "learned_classifier_free_sampling_embeddings"
 
 
 def is_vq_diffusion_folder(path: str | Path) -> bool:
     """True for a folder whose ``model_index.json`` names diffusers' ``VQDiffusionPipeline``."""
-    index = Path(path) / "model_index.json"
-    if not index.is_file():
-        return False
-    try:
-        return read_json(index).get("_class_name") == PIPELINE_CLASS
-    except CheckpointError:
-        return False
-
-
-def read_weights(folder: Path, component: str, required: bool = True) -> dict[str, torch.Tensor]:
-    """All tensors of ``folder/component`` from the first weight file found (safetensors before pickles)."""
-    for name in WEIGHT_FILES:
-        path = folder / component / name
-        if path.is_file():
-            source = TensorSource(path)
-            return {k: source.get(k) for k in source.keys()}
-    if required:
-        raise CheckpointError(f"{folder / component}: none of {list(WEIGHT_FILES)} found")
-    return {}
+    return pipeline_class(path) == PIPELINE_CLASS
 
 
 def schedule_config_from_diffusers(sched: dict, num_codes: int) -> DiscreteScheduleConfig:
@@ -125,6 +105,6 @@ def read_vq_diffusion_folder(folder: str | Path) -> tuple[VQDiffusionConfig, dic
                        ("scheduler", folder / "scheduler" / "scheduler_config.json")):
         if path.is_file():
             configs[name] = read_json(path)
-    weights = {name: read_weights(folder, name) for name in ("vqvae", "transformer", "text_encoder")}
-    weights[NULL_EMBEDDINGS] = read_weights(folder, NULL_EMBEDDINGS, required=False)
+    weights = {name: read_component(folder, name) for name in ("vqvae", "transformer", "text_encoder")}
+    weights[NULL_EMBEDDINGS] = read_component(folder, NULL_EMBEDDINGS, required=False)
     return vq_diffusion_from_diffusers(configs, weights, str(folder))

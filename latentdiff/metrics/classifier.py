@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from latentdiff.atomic import atomic_write
 from latentdiff.data.decode import DecodeError, decode_image
 from latentdiff.data.manifest import load_manifest
 from latentdiff.data.shards import IMAGE_EXTS, iter_shard, resolve_shards
-from latentdiff.io.atomic import atomic_write
 from latentdiff.io.checkpoint import CheckpointError, check_finite, load_into, read_safetensors
 
 FORMAT_NAME = "latentdiff-classifier"

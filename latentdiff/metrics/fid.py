@@ -30,8 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import latentdiff
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
 from latentdiff.metrics.frechet import RunningMoments, frechet_distance
 from latentdiff.metrics.images import (
     RESIZE_METHOD,
@@ -45,6 +44,7 @@ from latentdiff.metrics.images import (
     select_samples,
     selection_text,
 )
+from latentdiff.version import __version__
 
 DEFAULT_CACHE_DIR = Path("~/.cache/latentdiff/fid").expanduser()
 _CACHE_FORMAT = 1  # bump when the statistics computation changes
@@ -174,7 +174,7 @@ def compute_statistics(
         "feature_extractor": features.name,
         "weights": features.weights,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "latentdiff": latentdiff.__version__,
+        "latentdiff": __version__,
     }
     return SourceStatistics(FeatureStatistics(moments.mean, moments.covariance(), used, meta), "computed", failures)
 

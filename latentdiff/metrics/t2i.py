@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-import latentdiff
+from latentdiff.assets import CIFAR10_CLASSIFIER
+from latentdiff.atomic import atomic_write
 from latentdiff.data.captions import fill_template
-from latentdiff.images import save_png_new
-from latentdiff.io.atomic import atomic_write
+from latentdiff.io.images import save_png_new, to_pil
 from latentdiff.metrics.classifier import CifarClassifier, accuracy_report
 from latentdiff.metrics.fid import (
     DEFAULT_CACHE_DIR,
@@ -47,10 +47,10 @@ from latentdiff.metrics.inception import (
     find_inception_weights,
     load_inception,
 )
-from latentdiff.pipelines import ASSETS, to_pil
+from latentdiff.version import __version__
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-DEFAULT_CLASSIFIER = ASSETS / "cifar10_classifier.safetensors"
+DEFAULT_CLASSIFIER = CIFAR10_CLASSIFIER
 CLASS_TEMPLATE = "a photo of a {}"  # the template of the CIFAR-10 training captions (article fixed per class)
 
 
@@ -270,7 +270,7 @@ def run_benchmark(pipe, prompts: Prompts, settings: BenchmarkSettings, outdir: s
         result["class_accuracy"] = {"skipped": judges.notes.get("classifier", "no classifier")}
     result.update(wall_seconds=time.time() - start, notes=dict(judges.notes),
                   created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  latentdiff=latentdiff.__version__)
+                  latentdiff=__version__)
     return result
 
 

@@ -1,8 +1,9 @@
-"""Text encoders and the CLIP BPE tokenizer.
+"""Text encoders: the common interface and our own trainable encoder.
 
 Every encoder maps prompts to a sequence of hidden states, the U-Net's cross-attention ``context``:
 
-    encoder = build_text_encoder(TextEncoderConfig(type="trainable", width=512, layers=6, heads=8))
+    encoder = build_text_encoder(  # latentdiff.models.text_encoders
+        TextEncoderConfig(type="trainable", width=512, layers=6, heads=8))
     context = encoder.encode(["a photo of a cat", ""])  # (2, 77, 512)
 
 Types (``TextEncoderConfig.type``):
@@ -11,86 +12,18 @@ Types (``TextEncoderConfig.type``):
 - ``clip``: a transformers ``CLIPTextModel`` (Stable Diffusion 1.x), in :mod:`latentdiff.models.text_clip`.
 - ``openclip``: the OpenCLIP text tower (Stable Diffusion 2.x), in :mod:`latentdiff.models.text_clip`.
 
-All share the CLIP BPE vocabulary (49,408 tokens; start 49406, end 49407) through :class:`Tokenizer`.
+All share the CLIP BPE vocabulary through :class:`~latentdiff.models.tokenizer.Tokenizer`.
 ``layer="penultimate"`` runs every block but the last and then the final LayerNorm, as Stable Diffusion 2 does.
 """
 
 from __future__ import annotations
-
-import warnings
-from functools import lru_cache
 
 import torch
 import torch.nn as nn
 
 from latentdiff.config import TextEncoderConfig
 from latentdiff.models.attention import attention
-
-START_TOKEN = 49406  # <|startoftext|>
-END_TOKEN = 49407  # <|endoftext|>
-
-
-@lru_cache(maxsize=1)
-def _bpe():
-    """open_clip's SimpleTokenizer: the CLIP BPE merges shipped inside open_clip_torch (no download)."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-class Tokenizer:
-    """CLIP BPE tokenizer: ``prompts -> LongTensor (B, context_length)``.
-
-    Ids equal open_clip's ``SimpleTokenizer`` and transformers' ``CLIPTokenizer``: ``[START, bpe..., END, pad...]``.
-    ``pad_token`` is 0 in open_clip (Stable Diffusion 2.x) and :data:`END_TOKEN` in the transformers tokenizer
-    used by Stable Diffusion 1.x. Longer prompts keep their first ``context_length - 2`` tokens (the end token
-    stays last) and a warning names the dropped words.
-    """
-
-    def __init__(self, context_length: int = 77, pad_token: int = 0):
-        if context_length < 2:
-            raise ValueError(f"context_length={context_length} must be >= 2 (start and end tokens)")
-        if not 0 <= pad_token <= END_TOKEN:
-            raise ValueError(f"pad_token={pad_token} must be a token id in [0, {END_TOKEN}]")
-        self.context_length = context_length
-        self.pad_token = pad_token
-        self._bpe = _bpe()
-        # training encodes the same few captions every step: BPE is pure Python (~0.1 ms per caption)
-        self._encode_cached = lru_cache(maxsize=2**16)(lambda prompt: tuple(self._bpe.encode(prompt)))
-
-    def encode(self, prompt: str) -> list[int]:
-        """BPE ids of one prompt, without start/end tokens and without truncation (memoised per prompt)."""
-        return list(self._encode_cached(prompt))
-
-    def decode(self, ids) -> str:
-        """Text of a sequence of ids; the start token is skipped and decoding stops at the end token."""
-        ids = [int(i) for i in ids]
-        if END_TOKEN in ids:
-            ids = ids[: ids.index(END_TOKEN)]
-        return self._bpe.decode([i for i in ids if i != START_TOKEN]).strip()
-
-    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f"prompts must be a string or a list of strings, got {prompts!r:.200}")
-        keep = self.context_length - 2
-        rows = []
-        for prompt in prompts:
-            bpe = self._encode_cached(prompt)
-            if len(bpe) > keep:
-                dropped = self._bpe.decode(bpe[keep:]).strip()
-                warnings.warn(f'prompt truncated to {self.context_length} tokens; dropped: "{dropped}"',
-                              stacklevel=2)
-                bpe = bpe[:keep]
-            row = [START_TOKEN, *bpe, END_TOKEN]
-            rows.append(row + [self.pad_token] * (self.context_length - len(row)))
-        return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), self.context_length)  # (B, L)
-
-    @staticmethod
-    def lengths(ids: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B,) number of real tokens, start and end included (the end token's index + 1)."""
-        return (ids == END_TOKEN).int().argmax(dim=1) + 1
+from latentdiff.models.tokenizer import Tokenizer
 
 
 class TextEncoder(nn.Module):
@@ -211,24 +144,3 @@ class TrainableTextEncoder(TextEncoder):
         for block in blocks:
             x = block(x, mask)  # (B, L, W)
         return self.ln_final(x)  # (B, L, W)
-
-
-def default_pad_token(cfg: TextEncoderConfig) -> int:
-    """The padding each encoder was trained with: OpenAI CLIP as used by Stable Diffusion 1.x (``clip`` with
-    ``quick_gelu``) pads with the end token (transformers' tokenizer); OpenCLIP-trained towers (``openclip``, or
-    ``clip`` with ``gelu`` as in diffusers' Stable Diffusion 2 folders) and our own encoder pad with 0."""
-    return END_TOKEN if cfg.type == "clip" and cfg.act == "quick_gelu" else 0
-
-
-def build_text_encoder(cfg: TextEncoderConfig, pad_token: int | None = None) -> TextEncoder:
-    """Build the encoder named by ``cfg.type``; ``pad_token=None`` picks :func:`default_pad_token`."""
-    pad = default_pad_token(cfg) if pad_token is None else pad_token
-    if cfg.type == "trainable":
-        return TrainableTextEncoder(cfg, pad)
-    from latentdiff.models.text_clip import CLIPTextEncoder, OpenCLIPTextEncoder
-
-    if cfg.type == "clip":
-        return CLIPTextEncoder(cfg, pad)
-    if cfg.type == "openclip":
-        return OpenCLIPTextEncoder(cfg, pad)
-    raise ValueError(f"text_encoder.type={cfg.type!r} is not one of ['trainable', 'clip', 'openclip']")

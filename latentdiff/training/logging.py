@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from latentdiff.images import make_grid
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
+from latentdiff.io.images import make_grid, to_pil
 
 
 def read_log(path: Path) -> list[dict]:
@@ -111,8 +111,6 @@ def _has_cut_line(path: Path) -> bool:
 def save_image_grid(images: torch.Tensor, path: Path, cols: int | None = None, min_side: int = 64) -> Path:
     """Write (N, 3, H, W) images in [-1, 1] as one PNG grid, atomically; tiles smaller than ``min_side`` are
     enlarged by an integer factor (nearest neighbour) so that small images stay visible."""
-    from latentdiff.pipelines import to_pil
-
     N, C, H, W = images.shape
     factor = max(1, min_side // min(H, W))
     if factor > 1:

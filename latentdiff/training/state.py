@@ -3,7 +3,7 @@
 A checkpoint is one file ``<outdir>/checkpoints/step_<step:08d>.pt`` written by ``torch.save`` of plain
 containers and tensors, so it loads with ``torch.load(weights_only=True)`` (no arbitrary unpickling). It holds
 the trainable modules, the EMA, optimizers, LR schedulers, the AMP grad scaler, the step, every rank's RNG
-states and the data position. It is written through :func:`latentdiff.io.atomic.atomic_write`: the final
+states and the data position. It is written through :func:`latentdiff.atomic.atomic_write`: the final
 name appears only once the file is complete (temp file, fsync, rename), so a kill at any moment leaves either
 the previous checkpoints or a stray ``.tmp-*`` file that discovery ignores. Discovery also validates each
 candidate by loading it and falls back to the next older one, so even a truncated file under a final name
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from latentdiff.io.atomic import atomic_write
+from latentdiff.atomic import atomic_write
 
 FORMAT = "latentdiff-train"
 VERSION = 1

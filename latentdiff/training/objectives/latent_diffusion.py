@@ -39,7 +39,7 @@ from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
 from latentdiff.models.autoencoder_kl import AutoencoderKL
-from latentdiff.models.text import build_text_encoder
+from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.unet import UNetModel
 from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from latentdiff.config import VQDiffusionConfig
 from latentdiff.diffusion.discrete import DiscreteSchedule, ImportanceTimestepSampler, vq_diffusion_loss
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
-from latentdiff.models.text import build_text_encoder
+from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
 from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
@@ -137,7 +137,7 @@ class VQDiffusionObjective(Objective):
     @torch.no_grad()
     def sample_images(self, batch: dict):
         """A grid generated from ``objective.sample_prompts`` with a fixed seed (the trainer swaps in EMA weights)."""
-        from latentdiff.pipelines_vq import VQDiffusionPipeline
+        from latentdiff.pipelines import VQDiffusionPipeline
 
         cfg = self.cfg
         modes = {name: m.training for name, m in self.trainable.items()}

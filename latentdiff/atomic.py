@@ -1,13 +1,15 @@
-"""Atomic file writes: a temp file in the target folder, fsync, then rename over the target.
+"""Atomic writes of files and folders: built beside the target, fsync'ed, then renamed into place.
 
-A reader never sees a half-written file: either the old content or the new one. A crash leaves at most a
-``.tmp-*`` file beside the target, which readers ignore.
+A reader never sees a half-written file or folder: either the old content or the new one. A crash leaves at most
+a ``.tmp-*`` file or folder beside the target, which readers ignore. This module imports nothing from latentdiff:
+every writer of the package sits above it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -41,6 +43,33 @@ def atomic_write(path: str | Path, mode: str = "wb", overwrite: bool = True):
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path, overwrite: bool = False):
+    """Yield a fresh folder beside ``target``; on clean exit it replaces ``target`` by rename (a previous
+    ``target`` is moved aside first, put back if the rename fails, and deleted last); on error it is deleted."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        old = Path(tempfile.mkdtemp(prefix=f".old-{target.name}.", dir=target.parent)) / target.name
+        if target.exists():
+            target.rename(old)
+        try:
+            tmp.rename(target)
+        except BaseException:
+            if old.exists():
+                old.rename(target)
+            raise
+        shutil.rmtree(old.parent)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -5,7 +5,7 @@
     images = pipe("a photo of a ship", steps=25, scale=5.0, truncation=0.86, seed=0)   # list of PIL images
     pipe = load_vq_diffusion_folder("vq-diffusion-ithq")                    # a diffusers VQ-Diffusion folder
 
-The call interface is :class:`latentdiff.pipelines.LatentDiffusionPipeline`'s, with these differences:
+The call interface is :class:`latentdiff.pipelines.latent.LatentDiffusionPipeline`'s, with these differences:
 
 - ``steps`` network calls walk the T-step chain in jumps of T/steps (fast inference of Improved VQ-Diffusion,
   Tang et al. 2022, Sec. 3.3; ``steps=T`` is the full chain, ``steps=T/s`` skips s steps per call);
@@ -24,20 +24,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from latentdiff.config import VQDiffusionConfig
 from latentdiff.diffusion.discrete import DiscreteSchedule
 from latentdiff.diffusion.discrete_sampling import learned_classifier_free_guidance, sample
 from latentdiff.diffusion.samplers import SAMPLERS
-from latentdiff.models.text import build_text_encoder
+from latentdiff.io.images import GenerationParams
+from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.pipelines import GenerationParams, Pipeline, check_output_type, register_pipeline, to_pil
+from latentdiff.pipelines.base import Pipeline, check_output_type
 
 SAMPLER_NAME = "VQ-Diffusion"
 
@@ -176,27 +175,3 @@ class VQDiffusionPipeline(Pipeline):
         if output_type == "latent":
             return codes.view(N, S, S), params
         return self.vqvae.decode_codes(codes.view(N, S, S)).float(), params  # (N, 3, H, W)
-
-    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
-        images, params = self.generate(prompt, **kwargs)
-        pil = to_pil(images)
-        for im, p in zip(pil, params):
-            im.info["parameters"] = p.to_text()
-        return pil
-
-
-def load_vq_diffusion_folder(path: str | Path, device=None, dtype=None) -> VQDiffusionPipeline:
-    """A :class:`VQDiffusionPipeline` from a diffusers VQ-Diffusion folder (see :mod:`latentdiff.io.vq_diffusion`)."""
-    from latentdiff.io.vq_diffusion import read_vq_diffusion_folder
-
-    path = Path(path)
-    cfg, parts = read_vq_diffusion_folder(path)
-    parts = {name: {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # one dtype (fp16 files)
-             for name, sd in parts.items()}
-    pipe = VQDiffusionPipeline.from_parts(cfg, parts, name=path.name)
-    if device is not None or dtype is not None:
-        pipe.to(device=device, dtype=dtype)
-    return pipe
-
-
-register_pipeline("vq_diffusion", VQDiffusionPipeline)

@@ -1,0 +1,115 @@
+"""Generated images as files: tensors to PIL images, the AUTOMATIC1111 ``parameters`` text that records how an
+image was made (:class:`GenerationParams`, :func:`parse_parameters`), PNGs that carry it and never overwrite, and
+sample grids."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from latentdiff.atomic import atomic_write
+
+
+@dataclass
+class GenerationParams:
+    """What produced an image; ``to_text`` writes the AUTOMATIC1111 ``parameters`` format."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    sampler: str
+    scale: float
+    seed: int
+    width: int
+    height: int
+    eta: float = 0.0
+    model: str = ""
+
+    def to_text(self) -> str:
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        fields = [f"Steps: {self.steps}", f"Sampler: {self.sampler}", f"CFG scale: {self.scale:g}",
+                  f"Seed: {self.seed}", f"Size: {self.width}x{self.height}"]
+        if self.eta:
+            fields.append(f"Eta: {self.eta:g}")
+        if self.model:
+            fields.append(f"Model: {self.model}")
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict[str, str]:
+    """Parse an AUTOMATIC1111 ``parameters`` chunk back into a dict (prompt, negative prompt, fields)."""
+    lines = text.strip().split("\n")
+    out = {"prompt": lines[0], "negative_prompt": ""}
+    for line in lines[1:]:
+        if line.startswith("Negative prompt: "):
+            out["negative_prompt"] = line[len("Negative prompt: "):]
+        else:
+            for item in line.split(", "):
+                key, sep, value = item.partition(": ")
+                if sep:
+                    out[key] = value
+    return out
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) in [-1, 1] -> PIL images (clamped, rounded to uint8)."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (B, 3, H, W)
+    arr = arr.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    return [Image.fromarray(np.ascontiguousarray(a)) for a in arr]
+
+
+def png_bytes(image: Image.Image, parameters: str | None = None) -> bytes:
+    """Encode a PNG with an optional ``parameters`` tEXt chunk (the AUTOMATIC1111 convention)."""
+    info = PngImagePlugin.PngInfo()
+    if parameters:
+        info.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def save_png_new(image: Image.Image, outdir: str | Path, parameters: str | None = None, stem: str = "",
+                 first_index: int = 0) -> Path:
+    """Write ``outdir/NNNNN[-stem].png`` with the next free number (at least ``first_index``); an existing file is
+    never overwritten."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    data = png_bytes(image, parameters)
+    index = max(_next_index(outdir), first_index)
+    while True:
+        path = outdir / (f"{index:05d}-{stem}.png" if stem else f"{index:05d}.png")
+        try:
+            with atomic_write(path, "wb", overwrite=False) as f:
+                f.write(data)
+            return path
+        except FileExistsError:
+            index += 1
+
+
+def _next_index(outdir: Path) -> int:
+    numbers = [int(p.name[:5]) for p in outdir.glob("*.png") if p.name[:5].isdigit()]
+    return max(numbers, default=-1) + 1
+
+
+def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
+    """Tile images (same size) into a grid, ``cols`` per row (default: about square)."""
+    if not images:
+        raise ValueError("make_grid needs at least one image")
+    n = len(images)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), (255, 255, 255))
+    for i, im in enumerate(images):
+        r, c = divmod(i, cols)
+        grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

@@ -1,0 +1,111 @@
+"""Text-to-image with latent diffusion (the Stable Diffusion family): text encoder -> U-Net under classifier-free
+guidance, walked by a sampler -> autoencoder decoder.
+
+    pipe = LatentDiffusionPipeline.from_config(cfg)           # random weights; load_pipeline(path) for trained ones
+    images, params = pipe.generate(["a photo of a cat"], steps=25, scale=5.0, seed=0)   # (N, 3, H, W) in [-1, 1]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from latentdiff.config import LatentDiffusionConfig
+from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
+from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.io.images import GenerationParams
+from latentdiff.models.autoencoder_kl import AutoencoderKL
+from latentdiff.models.text_encoders import build_text_encoder
+from latentdiff.models.unet import UNetModel
+from latentdiff.pipelines.base import Pipeline, broadcast_negative, check_output_type
+
+
+class LatentDiffusionPipeline(Pipeline):
+    """Text encoder -> U-Net under classifier-free guidance, walked by a sampler -> autoencoder decoder."""
+
+    components = ("unet", "autoencoder", "text_encoder")
+    main_component = "unet"
+
+    def __init__(self, config: LatentDiffusionConfig, unet: UNetModel, autoencoder: AutoencoderKL,
+                 text_encoder: torch.nn.Module, name: str = ""):
+        self.config = config
+        self.unet = unet.eval()
+        self.autoencoder = autoencoder.eval()
+        self.text_encoder = text_encoder.eval()
+        self.schedule = DiffusionSchedule.from_config(config.schedule)
+        self.name = name
+
+    @classmethod
+    def build_modules(cls, config: LatentDiffusionConfig) -> dict[str, torch.nn.Module]:
+        return {"unet": UNetModel(config.unet), "autoencoder": AutoencoderKL(config.autoencoder),
+                "text_encoder": build_text_encoder(config.text_encoder)}
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.autoencoder.downsample_factor * self.config.unet.downsample_factor
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def check_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % m:
+                raise ValueError(f"{name}={value} must be a positive multiple of {m} "
+                                 f"(autoencoder x U-Net downsampling of this model)")
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 25,
+                 scale: float | None = None, sampler: str = "ddim", seed: int | None = None, height: int | None = None,
+                 width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
+                 callback: Callable | None = None, output_type: str = "image",
+                 ) -> tuple[torch.Tensor, list[GenerationParams]]:
+        """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
+        the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images)."""
+        check_output_type(output_type)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        scale = self.default_scale if scale is None else scale
+        if not prompts:
+            raise ValueError("no prompt given")
+        negatives = broadcast_negative(negative_prompt, len(prompts))
+        height = self.config.image_size if height is None else height
+        width = self.config.image_size if width is None else width
+        self.check_size(height, width)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if not 0 < steps <= self.schedule.num_timesteps:
+            raise ValueError(f"steps={steps} must be between 1 and {self.schedule.num_timesteps}")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        N = len(prompts)
+        device, dtype = self.device, self.dtype
+        context = self.text_encoder.encode(prompts).to(dtype)  # (N, L, D)
+        uncond = self.text_encoder.encode(negatives).to(dtype) if scale != 1.0 else None  # (N, L, D)
+
+        C = self.config.autoencoder.embed_dim
+        f = self.config.autoencoder.downsample_factor
+        seeds = [seed + i for i in range(N)]
+        x_T = torch.stack([torch.randn(C, height // f, width // f, generator=torch.Generator().manual_seed(s))
+                           for s in seeds]).to(device)  # (N, C, h, w), float32; per-image seeds reproduce alone
+        generator = torch.Generator(device).manual_seed(seed)
+
+        unet = self.unet
+
+        def model(x_t, t, context):
+            return unet(x_t.to(dtype), t, context).float()
+
+        guided = classifier_free_guidance(model, scale)
+        kwargs = {"context": context} if uncond is None else {"context": context, "uncond_context": uncond}
+        s = self.config.schedule
+        z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
+                    timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
+                    model_kwargs=kwargs)
+        params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name)
+                  for p, n, sd in zip(prompts, negatives, seeds)]
+        if output_type == "latent":
+            return z0.float(), params
+        return self.autoencoder.decode(z0.to(dtype)).float(), params  # (N, 3, H, W)

@@ -1,7 +1,6 @@
 """The CIFAR-10 judge classifier: shard reading, augmentation, training on a tiny synthetic shard set, exact reload,
 and the training tool's exit codes."""
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from latentdiff.cli import train_classifier as tool
 from latentdiff.io.checkpoint import CheckpointError
 from latentdiff.metrics.classifier import (
     CifarClassifier,
@@ -27,9 +27,6 @@ from latentdiff.metrics.classifier import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("train_classifier_tool", ROOT / "tools" / "train_classifier.py")
-tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tool)
 
 CLASSES = ["blue", "green", "red"]  # the colour each class's images lean to
 SETTINGS = TrainSettings(epochs=2, batch_size=8, widths=(4, 8, 8), lr=0.05)

@@ -1,7 +1,6 @@
 """CLIP score: the definition on known embeddings, mechanics on a tiny random open_clip model, caption sources,
 offline behaviour and the command-line tool. Nothing is downloaded."""
 
-import importlib.util
 import io
 import json
 import tarfile
@@ -14,13 +13,11 @@ import torch
 from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
+from latentdiff.cli import clip_score as clip_tool
 from latentdiff.metrics import clip_score as cs
 from latentdiff.metrics.images import open_image_source
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("clip_score_tool", ROOT / "tools" / "clip_score.py")
-clip_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(clip_tool)
 
 TINY_NAME = "latentdiff-tiny-test"
 TINY_CFG = {

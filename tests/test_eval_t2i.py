@@ -1,10 +1,8 @@
-"""The text-to-image benchmark (tools/eval_t2i.py, tools/sampler_sweep.py) end to end on a tiny random checkpoint,
+"""The text-to-image benchmark (latentdiff eval-t2i, latentdiff sampler-sweep) end to end on a tiny random checkpoint,
 a tiny Inception stand-in and a tiny random classifier. Nothing is downloaded."""
 
-import importlib.util
 import io
 import json
-import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from latentdiff.cli import eval_t2i as eval_tool
+from latentdiff.cli import sampler_sweep as sweep_tool
 from latentdiff.metrics import clip_score, t2i
 from latentdiff.metrics.classifier import CifarClassifier, save_classifier
 from latentdiff.metrics.fid import Features
@@ -22,16 +22,6 @@ from tests.tiny import tiny_ldm_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-sys.path.insert(0, str(ROOT / "tools"))  # sampler_sweep imports eval_t2i's flags
-eval_tool = _load_tool("eval_t2i")
-sweep_tool = _load_tool("sampler_sweep")
 
 
 def _tiny_features(weights=None, device="cpu") -> Features:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance
 
+from latentdiff.cli import fid as fid_tool
 from latentdiff.metrics import fid_helper
 from latentdiff.metrics.fid import Features, FeatureStatistics, compute_statistics, source_statistics
 from latentdiff.metrics.frechet import RunningMoments, frechet_distance
@@ -26,9 +27,6 @@ from latentdiff.metrics.images import SourceError, open_image_source, resize_for
 from latentdiff.metrics.inception import InceptionWeightsError, find_inception_weights, load_inception
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("fid_tool", ROOT / "tools" / "fid.py")
-fid_tool = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fid_tool)
 
 RNG = np.random.default_rng(0)
 

@@ -1,7 +1,6 @@
-"""Shard writing: tools/make_shards.py on class folders, caption files, archives and the CIFAR-10 copy; manifest,
+"""Shard writing: latentdiff make-shards on class folders, caption files, archives and the CIFAR-10 copy; manifest,
 byte-identical round trip, determinism, bad input."""
 
-import importlib.util
 import io
 import json
 import subprocess
@@ -13,14 +12,13 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from latentdiff.cli import make_shards
+from latentdiff.cli import validate_shards as tool
 from latentdiff.data.captions import article, fill_template, parse_class_map, pick_template
 from latentdiff.data.manifest import load_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_TEST = Path("/work/shared/data/cifar10/cifar10-test.tar.gz")
-_spec = importlib.util.spec_from_file_location("make_shards", ROOT / "tools" / "make_shards.py")
-make_shards = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_shards)
 
 
 def image_bytes(i: int, fmt: str = "JPEG", size=(8, 6)) -> bytes:
@@ -182,9 +180,6 @@ def test_bad_input_exits_2(class_folder, tmp_path, capsys):
 
 
 def test_validate_shards_tool(class_folder, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("validate_shards", ROOT / "tools" / "validate_shards.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     root, _ = class_folder
     out = tmp_path / "out"
     assert run([str(root), str(out), "--samples-per-shard", "4"]) == 0

@@ -1,19 +1,15 @@
-"""tools/pack_model.py: float16, name and config changes, and a compact token vocabulary for shipping."""
+"""latentdiff pack-model: float16, name and config changes, and a compact token vocabulary for shipping."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import latentdiff
+from latentdiff.cli import pack_model
 from latentdiff.io.checkpoint import load_model_file, read_safetensors, save_model_file
 from latentdiff.models.tokenizer import Tokenizer
 from latentdiff.pipelines import LatentDiffusionPipeline
 from tests.tiny import make_shards, tiny_ldm_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import pack_model  # noqa: E402
 
 EMB = "text_encoder.token_embedding.weight"
 

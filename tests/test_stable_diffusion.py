@@ -6,7 +6,6 @@ each format, loaded with latentdiff and compared (CPU, float32). Models are buil
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 
 from latentdiff import load_pipeline
 from latentdiff.assets import SD_CONFIGS_DIR
+from latentdiff.cli import convert as convert_cli
 from latentdiff.io.checkpoint import CheckpointError
 from latentdiff.io.stable_diffusion import read_stable_diffusion
 from tests import sd_helpers as H
@@ -25,14 +25,7 @@ PROMPTS = ["a photo of a cat", ""]
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _cli():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-convert = _cli()
+convert = convert_cli.main
 
 
 def unet_inputs():

@@ -1,7 +1,6 @@
 """Trainer pieces (LR schedule, EMA, RNG states, log, config, losses), the non-finite guard, and a tiny end-to-end
-run of tools/train.py: autoencoder, then latent diffusion on its latents, whose export loads as a pipeline."""
+run of latentdiff train: autoencoder, then latent diffusion on its latents, whose export loads as a pipeline."""
 
-import importlib.util
 import json
 import math
 import random
@@ -13,6 +12,7 @@ import torch
 from PIL import Image
 
 import latentdiff
+from latentdiff.cli import train as train_cli
 from latentdiff.config import load_train_config
 from latentdiff.io.checkpoint import load_model_file
 from latentdiff.training.ema import EMA
@@ -34,10 +34,7 @@ def make_shards(folder: Path, n: int = 16) -> Path:
 
 
 def train_main():
-    spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return train_cli.main
 
 
 # -- pieces ----------------------------------------------------------------------------------------------------

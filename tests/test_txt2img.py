@@ -6,12 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from latentdiff.cli import txt2img
 from latentdiff.pipelines import LatentDiffusionPipeline, parse_parameters
 from tests.tiny import tiny_ldm_config
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import txt2img  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """VQ training objectives with the common trainer: VQ autoencoder, then VQ-Diffusion on its codes, then txt2img."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from latentdiff.cli import txt2img
 from latentdiff.config import load_train_config, train_config_from_dict
 from latentdiff.diffusion.discrete import ImportanceTimestepSampler
 from latentdiff.io.checkpoint import load_model_file
@@ -20,8 +20,6 @@ from latentdiff.training.trainer import Trainer
 from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
-import txt2img  # noqa: E402
 
 VQVAE = ROOT / "configs" / "train_tiny_vqvae.yaml"
 VQ_DIFFUSION = ROOT / "configs" / "train_tiny_vq_diffusion.yaml"

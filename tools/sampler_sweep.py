@@ -1,99 +1,12 @@
-"""FID and CIFAR-10 class accuracy of one model for several samplers and step counts (for BENCHMARKS.md).
+"""FID and class accuracy per sampler and step count:
+``python tools/sampler_sweep.py ...`` is ``latentdiff sampler-sweep ...``.
 
-Examples (from the repository root)::
-
-    python tools/sampler_sweep.py --outdir eval/sweep                       # the embedded default model
-    python tools/sampler_sweep.py --ckpt model.safetensors --samplers ddim dpmpp_2m --steps 10 25 50 \\
-        --num-samples 2000 --batch-size 250 --reference data/cifar10-test-shards --device cuda --outdir eval/sweep
-
-Each (sampler, steps) pair runs the benchmark of tools/eval_t2i.py (same captions, seeds and judges; no CLIP score)
-into OUTDIR/<sampler>-<steps>/ (images/, results.json, results.md). The sweep writes OUTDIR/sweep.json (every
-result), OUTDIR/sweep.md (a Markdown table) and OUTDIR/sweep.png (FID vs steps and accuracy vs steps, one line per
-sampler). Bad input prints one message and exits with status 2.
+The code lives in latentdiff/cli/sampler_sweep.py; ``--help`` lists the options.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from latentdiff.cli import ArgumentParser, fail  # noqa: E402
-
-_tools = str(Path(__file__).resolve().parent)
-if _tools not in sys.path:
-    sys.path.insert(0, _tools)
-from eval_t2i import add_common_arguments, check_common, load_everything  # noqa: E402
-
-SWEEP_SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "euler_a"]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from latentdiff.diffusion.samplers import SAMPLERS
-
-    p = ArgumentParser(description=__doc__)
-    p.add_argument("--samplers", nargs="+", default=SWEEP_SAMPLERS, choices=sorted(SAMPLERS), help="samplers to run")
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100], help="step counts to run")
-    add_common_arguments(p)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_common(args)
-    if any(s <= 0 for s in args.steps):
-        fail(f"--steps must be positive integers, got {args.steps}")
-    outdir = Path(args.outdir)
-    for sampler in args.samplers:
-        for steps in args.steps:
-            images = outdir / f"{sampler}-{steps}" / "images"
-            if images.is_dir() and any(images.glob("*.png")):
-                fail(f"{images} already holds images; choose a new --outdir")
-
-    from latentdiff.atomic import atomic_write
-    from latentdiff.metrics.t2i import BenchmarkSettings, plot_sweep, run_benchmark, sweep_markdown, write_results
-
-    pipe, prompts, judges, device = load_everything(args, clip=None)
-    too_many = [s for s in args.steps if s > pipe.schedule.num_timesteps]
-    if too_many:
-        fail(f"--steps {too_many} exceed the model's {pipe.schedule.num_timesteps} diffusion timesteps")
-    results = []
-    for sampler in args.samplers:
-        for steps in sorted(set(args.steps)):
-            settings = BenchmarkSettings(sampler=sampler, steps=steps, scale=args.scale, seed=args.seed,
-                                         batch_size=args.batch_size)
-            run_dir = outdir / f"{sampler}-{steps}"
-            try:
-                result = run_benchmark(pipe, prompts, settings, run_dir, judges, device=device,
-                                       checkpoint=args.ckpt, progress=not args.quiet)
-            except (ValueError, FileExistsError) as e:
-                fail(str(e))
-            result.update(reference=args.reference, reference_samples=args.reference_samples, device=str(device),
-                          precision=args.precision)
-            write_results(run_dir, result)
-            results.append(result)
-            acc = result["class_accuracy"].get("accuracy")
-            print(f"{sampler:>9s} {steps:4d} steps: FID {result['fid'].get('value', float('nan')):.2f}, "
-                  f"class accuracy {'-' if acc is None else f'{acc:.3f}'}")
-    summary = {"checkpoint": args.ckpt, "model": pipe.name, "num_samples": args.num_samples, "seed": args.seed,
-               "scale": results[0]["scale"], "captions": prompts.source, "reference": args.reference,
-               "notes": judges.notes,
-               "command": " ".join(sys.argv), "results": results}
-    with atomic_write(outdir / "sweep.json", "w") as f:
-        json.dump(summary, f, indent=1)
-        f.write("\n")
-    table = sweep_markdown(results)
-    with atomic_write(outdir / "sweep.md", "w") as f:
-        f.write(f"Model {args.ckpt}, {args.num_samples} images per row, guidance scale {summary['scale']:g}, "
-                f"seed {args.seed}.\n\n{table}")
-    plot_sweep(results, outdir / "sweep.png", title=f"{pipe.name or args.ckpt}: {args.num_samples} images per point")
-    print(table)
-    print(f"wrote {outdir / 'sweep.json'}, {outdir / 'sweep.md'}, {outdir / 'sweep.png'}")
-    return 0
-
+from latentdiff.cli.main import run_tool
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool("sampler-sweep"))

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from latentdiff.config import config_to_json, save_config, to_dict
+from latentdiff.devices import resolve_precision
 from latentdiff.io.checkpoint import save_model_file
 from latentdiff.training.distributed import DistContext
 from latentdiff.training.ema import EMA
@@ -62,16 +63,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision=fp16 needs CUDA; use fp32 or bf16 on the CPU")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class Trainer:

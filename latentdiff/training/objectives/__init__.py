@@ -68,8 +68,9 @@ class Objective(nn.Module):
         """(scalar loss to minimise, detached scalar terms to log) for one micro-batch at optimizer step ``step``."""
         raise NotImplementedError
 
-    def sample_images(self, batch: dict) -> torch.Tensor:
-        """(N, 3, H, W) images in [-1, 1] showing progress (reconstructions, generations)."""
+    def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """``(images, cols)``: (N, 3, H, W) images in [-1, 1] showing progress (reconstructions, generations) and
+        the number of grid columns that lays them out in rows of one kind."""
         raise NotImplementedError
 
     def export(self) -> tuple[object, dict[str, nn.Module]]:

@@ -59,7 +59,7 @@ class AutoencoderKLObjective(AutoencoderObjective):
         return loss, logs
 
     @torch.no_grad()
-    def sample_images(self, batch: dict):
+    def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Originals (top row) over their reconstructions (bottom row), from the posterior mode."""
         x = batch["image"][: self.cfg.sample_images]
         recon, _ = self.autoencoder(x, sample_posterior=False)

@@ -122,7 +122,7 @@ class LatentDiffusionObjective(Objective):
         return out["loss"].mean(), {"mse": out["mse"].mean().detach()}
 
     @torch.no_grad()
-    def sample_images(self, batch: dict):
+    def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:
         """A grid generated from ``objective.sample_prompts`` with fixed seeds (the trainer swaps in EMA weights)."""
         from latentdiff.pipelines import LatentDiffusionPipeline
 

@@ -135,7 +135,7 @@ class VQDiffusionObjective(Objective):
         return out["loss"], {"vlb": out["vlb"], "aux": out["aux"]}
 
     @torch.no_grad()
-    def sample_images(self, batch: dict):
+    def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:
         """A grid generated from ``objective.sample_prompts`` with a fixed seed (the trainer swaps in EMA weights)."""
         from latentdiff.pipelines import VQDiffusionPipeline
 

@@ -58,7 +58,7 @@ class VQVAEObjective(AutoencoderObjective):
         return loss, logs
 
     @torch.no_grad()
-    def sample_images(self, batch: dict):
+    def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:
         """Originals (top row) over their reconstructions through the codes (bottom row)."""
         x = batch["image"][: self.cfg.sample_images]
         was_training = self.vqvae.training

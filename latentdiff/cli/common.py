@@ -1,0 +1,44 @@
+"""What every subcommand shares: its argument parser, clean failures, and device/precision choice."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+_PROG = ["latentdiff"]  # the program name of the command being run, for fail()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with defaults shown in ``--help`` and the module docstring kept verbatim. Bad flags print the usage
+    and exit with status 2 (argparse's own behaviour)."""
+
+    def __init__(self, description: str | None = None, prog: str | None = None, **kwargs):
+        class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+            pass
+
+        super().__init__(description=description, prog=prog, formatter_class=Formatter, **kwargs)
+        _PROG[0] = self.prog
+
+
+def report_error(message: str, code: int = 2) -> int:
+    """Print one clear message on stderr and return the exit status (2: bad input)."""
+    print(f"{_PROG[0]}: error: {message}", file=sys.stderr)
+    return code
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one clear message on stderr and exit (status 2: bad input), with no traceback."""
+    raise SystemExit(report_error(message, code))
+
+
+def resolve_device_dtype(device: str = "auto", precision: str = "auto"):
+    """``(torch.device, dtype)`` for ``--device``/``--precision`` (see :mod:`latentdiff.devices`); exits 2 on a
+    device or precision this machine cannot use."""
+    from latentdiff.devices import resolve_device, resolve_precision
+
+    try:
+        dev = resolve_device(device)
+        return dev, resolve_precision(precision, dev)
+    except ValueError as e:
+        fail(str(e))

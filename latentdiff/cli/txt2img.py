@@ -1,0 +1,126 @@
+"""Text-to-image from the command line.
+
+Examples (from the repository root)::
+
+    latentdiff txt2img "a photo of a cat"                      # embedded default model
+    latentdiff txt2img "a photo of a ship" --ckpt default-vq   # embedded VQ-Diffusion model
+    latentdiff txt2img "a photo of a ship" --n_samples 8 --steps 50 --scale 4 --seed 1 --sampler dpmpp_2m
+    latentdiff txt2img "a castle" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512 --device cuda \\
+        --precision bf16 --negative-prompt "blurry"
+    latentdiff txt2img "a castle" --ckpt path/to/diffusers-folder --outdir outputs/castle
+
+Each image is written as a new PNG in ``--outdir`` (existing files are never overwritten) with the generation
+parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images are made.
+Bad input (size, steps, sampler, checkpoint) prints one message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from latentdiff.cli.common import ArgumentParser, fail, resolve_device_dtype
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    from latentdiff.diffusion.samplers import SAMPLERS
+
+    p = ArgumentParser(description=__doc__, prog=prog)
+    p.add_argument("prompt", nargs="+", help="prompt text (several positional words are joined with spaces)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
+    p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default=None,
+                   help="'default' or 'default-vq' (the embedded latent-diffusion and VQ-Diffusion models), a "
+                        "latentdiff .safetensors, a Stable Diffusion single file (.safetensors/.ckpt) or a diffusers "
+                        "folder; default: the embedded default model")
+    p.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    p.add_argument("--scale", type=float, default=None,
+                   help="classifier-free guidance scale (1 = no guidance); default: the model's own "
+                        "(its config's guidance_scale; 7.5 for Stable Diffusion)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
+                   help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--truncation", type=float, default=None,
+                   help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
+                        "default: the model's truncation_rate")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed (latent diffusion: image i uses seed+i; VQ-Diffusion: one random stream for "
+                        "the whole call); default: random")
+    p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--H", type=int, default=None, help="image height in pixels; default: the model's size")
+    p.add_argument("--W", type=int, default=None, help="image width in pixels; default: the model's size")
+    p.add_argument("--outdir", default="outputs/txt2img", help="folder for the PNGs")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="weights/compute precision (auto: bf16 on CUDA if supported, else fp16; fp32 on CPU)")
+    p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
+                   help="override the prediction type of a Stable Diffusion checkpoint (e.g. SD 2.x 768-v)")
+    p.add_argument("--no-grid", action="store_true", help="do not write a grid image")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    args = build_parser(prog).parse_args(argv)
+    prompt = " ".join(args.prompt).strip()
+    if not prompt:
+        fail("the prompt is empty")
+    if args.steps <= 0:
+        fail(f"--steps must be a positive integer, got {args.steps}")
+    if args.n_samples <= 0:
+        fail(f"--n_samples must be a positive integer, got {args.n_samples}")
+    if args.truncation is not None and not 0 < args.truncation <= 1:
+        fail(f"--truncation must be in (0, 1], got {args.truncation}")
+    for flag, value in (("--H", args.H), ("--W", args.W)):
+        if value is not None and value <= 0:
+            fail(f"{flag} must be a positive integer, got {value}")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from latentdiff.pipelines import load_pipeline
+    from latentdiff.io.images import make_grid, save_png_new
+
+    device, dtype = resolve_device_dtype(args.device, args.precision)
+    extra = {"prediction_type": args.prediction_type} if args.prediction_type else {}
+    try:
+        pipe = load_pipeline(args.ckpt, device=device, dtype=dtype, **extra)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    height = args.H or pipe.config.image_size
+    width = args.W or pipe.config.image_size
+    scale = args.scale if args.scale is not None else pipe.default_scale
+    vq_kwargs = {}
+    if args.truncation is not None:
+        if pipe.config.type != "vq_diffusion":
+            fail("--truncation applies to VQ-Diffusion models only")
+        vq_kwargs["truncation"] = args.truncation
+    try:
+        pipe.check_size(height, width)
+        if args.steps > pipe.schedule.num_timesteps:
+            raise ValueError(f"--steps must be at most {pipe.schedule.num_timesteps}, got {args.steps}")
+    except ValueError as e:
+        fail(str(e))
+
+    bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet)
+
+    def progress(i, n, *_):
+        bar.update(1)
+
+    seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    try:
+        images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
+                      sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
+                      num_images_per_prompt=args.n_samples, callback=progress, **vq_kwargs)
+    except ValueError as e:  # a combination only the sampler can judge (e.g. eta with a non-DDIM sampler)
+        fail(str(e))
+    finally:
+        bar.close()
+    outdir = Path(args.outdir)
+    paths = [save_png_new(im, outdir, im.info["parameters"]) for im in images]
+    for path in paths:
+        print(path)
+    if len(images) > 1 and not args.no_grid:
+        grid = make_grid(images)
+        print(save_png_new(grid, outdir, images[0].info["parameters"], stem="grid"))
+    return 0
+

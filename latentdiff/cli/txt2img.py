@@ -35,7 +35,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="number of sampling steps")
     p.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale (1 = no guidance); default: the model's own "
-                        "(its config's guidance_scale; 7.5 for Stable Diffusion)")
+                        "(its config's guidance_scale: 7.5 for SD 1.x and 2.x base, 9 for SD 2.x 768-v)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
                    help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from latentdiff.pipelines import load_pipeline
     from latentdiff.io.images import make_grid, save_png_new
+    from latentdiff.pipelines import load_pipeline
 
     device, dtype = resolve_device_dtype(args.device, args.precision)
     extra = {"prediction_type": args.prediction_type} if args.prediction_type else {}

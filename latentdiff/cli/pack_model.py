@@ -10,17 +10,18 @@ Examples (from the repository root)::
         --decoder runs/decoder_ft/model.safetensors
 
 ``--half`` stores floating-point weights as float16 (the embedded models are stored so and computed in float32).
-``--set KEY=VALUE`` changes a field of the stored model config (dotted, checked like ``latentdiff train``'s overrides),
-e.g. the default guidance scale. ``--vocabulary SOURCE`` keeps the token-embedding rows of the tokens that occur in
-SOURCE's captions (a text file with one caption per line, or webdataset shards: a folder, a .tar or a brace
-pattern, whose ``.txt`` members are read), plus those of the empty caption; every other row is replaced by one
+``--set KEY=VALUE`` changes a field of the stored model config (dotted, checked like ``latentdiff train``'s
+overrides), e.g. the default guidance scale. ``--vocabulary SOURCE`` keeps the token-embedding rows of the tokens
+that occur in SOURCE's captions (a text file with one caption per line, or webdataset shards: a folder, a .tar or a
+brace pattern, whose ``.txt`` members are read), plus those of the empty caption; every other row is replaced by one
 shared row, the mean of the replaced ones. A text encoder trained from scratch on such captions never updates the
 other rows (they stay near their random start), and for a 49,408-token CLIP vocabulary they are most of a small
 model's file: 12.6 MB of the 41 MB unpacked VQ-Diffusion default (29 MB packed). Prompts made of kept tokens give
 exactly the unpacked model's outputs. ``--decoder FILE`` replaces the autoencoder's decoder (``decoder``,
-``post_quant_conv``) by that of FILE, an export of ``latentdiff train`` with ``objective.train_decoder_only=true`` started from SRC (``init_from``);
-FILE's encoder side must equal SRC's, since the diffusion model knows only those latents. The output is written
-atomically; an existing one is replaced only with --overwrite. Bad input prints one message and exits with status 2.
+``post_quant_conv``) by that of FILE, an export of ``latentdiff train`` with ``objective.train_decoder_only=true``
+started from SRC (``init_from``); FILE's encoder side must equal SRC's, since the diffusion model knows only those
+latents. The output is written atomically; an existing one is replaced only with --overwrite. Bad input prints one
+message and exits with status 2.
 """
 
 from __future__ import annotations

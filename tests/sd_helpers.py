@@ -18,20 +18,13 @@ from pathlib import Path
 
 import torch
 
+from tests.tiny import jitter
+
 TEXT_WIDTH = 64
 IMAGE_SIZE = 16  # pixels; VAE factor 2, U-Net factor 4
 LATENT = IMAGE_SIZE // 2
 SD1_OVERRIDES = ["unet.num_heads=8"]
 SD2_OVERRIDES = ["unet.num_head_channels=8"]
-
-
-def _jitter(model: torch.nn.Module, seed: int, std: float = 0.02) -> torch.nn.Module:
-    """Perturb every parameter (norm scales and biases too) so no weight keeps a trivial init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
 
 
 def diffusers_unet(sd2: bool, seed: int = 0):
@@ -45,7 +38,7 @@ def diffusers_unet(sd2: bool, seed: int = 0):
         cross_attention_dim=TEXT_WIDTH, norm_num_groups=32,
         attention_head_dim=[4, 8, 8] if sd2 else 8,  # heads per block (diffusers' naming): width 8 / 8 heads
         use_linear_projection=sd2)
-    return _jitter(unet, seed)
+    return jitter(unet, std=0.02, seed=seed).eval()  # no weight keeps a trivial init
 
 
 def diffusers_vae(seed: int = 1):
@@ -55,7 +48,7 @@ def diffusers_vae(seed: int = 1):
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         latent_channels=4, norm_num_groups=32, sample_size=IMAGE_SIZE)
-    return _jitter(vae, seed)
+    return jitter(vae, std=0.02, seed=seed).eval()
 
 
 def clip_text_model(seed: int = 2):
@@ -66,7 +59,7 @@ def clip_text_model(seed: int = 2):
     cfg = CLIPTextConfig(vocab_size=49408, hidden_size=TEXT_WIDTH, intermediate_size=4 * TEXT_WIDTH,
                          num_hidden_layers=2, num_attention_heads=1, max_position_embeddings=77,
                          hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407)
-    return _jitter(CLIPTextModel(cfg), seed)
+    return jitter(CLIPTextModel(cfg), std=0.02, seed=seed).eval()
 
 
 def openclip_text_tower(seed: int = 3):
@@ -76,7 +69,7 @@ def openclip_text_tower(seed: int = 3):
     torch.manual_seed(seed)
     tower = _build_text_tower(TEXT_WIDTH, CLIPTextCfg(context_length=77, vocab_size=49408, width=TEXT_WIDTH,
                                                       heads=1, layers=3))
-    return _jitter(tower, seed)
+    return jitter(tower, std=0.02, seed=seed).eval()
 
 
 def openclip_penultimate(tower, ids: torch.Tensor) -> torch.Tensor:

@@ -55,13 +55,21 @@ def test_attention_matches_softmax_reference(backend, name, mask_kind):
     torch.testing.assert_close(out, reference_attention(q, k, v, heads, mask), atol=1e-5, rtol=1e-5)
 
 
-def test_backends_agree(backend):
+def test_backends_agree(backend, monkeypatch):
+    import latentdiff.models.attention as attention_module
+
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_calls.append(1) or sdpa(*a, **kw))
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(2, 9, 16, generator=g) for _ in range(3))
     backend("math")
     expected = attention(q, k, v, heads=4)
+    assert sdpa_calls == []  # two different code paths are compared
     backend("sdpa")
     torch.testing.assert_close(attention(q, k, v, heads=4), expected, atol=1e-5, rtol=1e-5)
+    assert sdpa_calls == [1]
 
 
 def test_unknown_backend_is_an_error():

@@ -175,8 +175,10 @@ def test_config_conversion_edge_cases():
     attn = autoencoder_config_to_diffusers(AutoencoderKLConfig(**TINY, attn_resolutions=[1]))
     assert attn["down_block_types"] == ["AttnDownEncoderBlock2D", "DownEncoderBlock2D"]
     assert attn["up_block_types"] == ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"]
-    for bad in ({"act_fn": "relu"}, {"latents_mean": [0.0] * 4}, {"up_block_types": ["AttnUpDecoderBlock2D"] * 2}):
-        with pytest.raises(ValueError):
+    for bad, message in (({"act_fn": "relu"}, "act_fn='relu' is not supported"),
+                         ({"latents_mean": [0.0] * 4}, "per-channel latents_mean/latents_std are not supported"),
+                         ({"up_block_types": ["AttnUpDecoderBlock2D"] * 2}, "attention levels differ")):
+        with pytest.raises(ValueError, match=message):
             autoencoder_config_from_diffusers({**base, **bad})
     with pytest.raises(ValueError, match="embed_dim"):
         autoencoder_config_to_diffusers(AutoencoderKLConfig(**TINY, embed_dim=3))

@@ -15,16 +15,7 @@ from latentdiff.io.checkpoint import (
     read_state_dict,
     save_model_file,
 )
-
-
-class Evil:
-    """Unpickling this would create a file: a stand-in for arbitrary code execution."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
+from tests.tiny import Evil, tiny_ldm_config
 
 
 def test_malicious_ckpt_is_refused_and_never_executes(tmp_path):
@@ -42,16 +33,20 @@ def test_plain_pickle_payload_refused(tmp_path):
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         pickle.dump(Evil(str(marker)), f)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="refuses for safety"):
         read_state_dict(path)
     assert not marker.exists()
 
 
 def test_ckpt_with_tensors_loads(tmp_path):
     path = tmp_path / "ok.ckpt"
-    torch.save({"state_dict": {"a": torch.ones(3), "b": torch.zeros(2, 2)}, "global_step": 7}, path)
+    state = {"a": torch.randn(3), "b": torch.arange(4.0).view(2, 2), "note": "not a tensor"}
+    torch.save({"state_dict": state, "global_step": 7}, path)
     tensors, meta = read_state_dict(path)
-    assert set(tensors) == {"a", "b"} and meta == {}
+    assert set(tensors) == {"a", "b"} and meta == {}  # the tensors of the nested state_dict, nothing else
+    assert torch.equal(tensors["a"], state["a"]) and torch.equal(tensors["b"], state["b"])
+    torch.save({"a": state["a"]}, tmp_path / "flat.pt")  # a bare dict of tensors loads too
+    assert torch.equal(read_state_dict(tmp_path / "flat.pt")[0]["a"], state["a"])
 
 
 def test_truncated_safetensors_refused(tmp_path):
@@ -62,7 +57,7 @@ def test_truncated_safetensors_refused(tmp_path):
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_state_dict(path)
     path.write_bytes(b"")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
         read_state_dict(path)
 
 
@@ -88,7 +83,7 @@ def test_load_into_reports_names():
 
 
 def test_model_file_round_trip_and_no_overwrite(tmp_path):
-    cfg = LatentDiffusionConfig()
+    cfg = tiny_ldm_config()  # not the defaults: a config lost on the way would read back as defaults
     lin = torch.nn.Linear(4, 4)
     tied = {"a": lin.weight, "b": lin.weight}  # shared memory must still save
     path = save_model_file(tmp_path / "m.safetensors", cfg, {"unet": lin, "text_encoder": tied})
@@ -96,8 +91,10 @@ def test_model_file_round_trip_and_no_overwrite(tmp_path):
     cfg2, parts, meta = load_model_file(path)
     assert cfg2 == cfg and meta["format"] == "latentdiff"
     assert torch.equal(parts["unet"]["weight"], lin.weight) and torch.equal(parts["text_encoder"]["b"], lin.weight)
+    before = path.read_bytes()
     with pytest.raises(FileExistsError):
-        save_model_file(path, cfg, {"unet": lin})
+        save_model_file(path, LatentDiffusionConfig(), {"unet": torch.nn.Linear(2, 2)})
+    assert path.read_bytes() == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(1)}, plain)

@@ -1,4 +1,7 @@
+import re
+
 import pytest
+import yaml
 
 from latentdiff.config import (
     LatentDiffusionConfig,
@@ -12,13 +15,20 @@ from latentdiff.config import (
     save_config,
     to_dict,
 )
+from tests.tiny import tiny_ldm_config
 
 
 def test_defaults_validate_and_round_trip(tmp_path):
-    cfg = LatentDiffusionConfig()
+    default = LatentDiffusionConfig()
+    assert to_dict(default)["schedule"]["num_timesteps"] == 1000 and default.image_size == 512
+    # a config unlike the defaults in every section: a serialiser that dropped fields would read back defaults
+    cfg = tiny_ldm_config(schedule={"num_timesteps": 100, "prediction_type": "v_prediction"})
+    assert cfg != default and cfg.unet != default.unet and cfg.autoencoder != default.autoencoder
+    assert cfg.text_encoder != default.text_encoder and cfg.schedule != default.schedule
     assert config_from_json(config_to_json(cfg)) == cfg
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
+    assert yaml.safe_load((tmp_path / "c.yaml").read_text())["unet"]["model_channels"] == 32
 
 
 def test_dotted_overrides_and_unknown_keys(tmp_path):
@@ -59,9 +69,23 @@ def test_unet_and_model_validation():
 
 
 def test_bad_yaml_is_a_value_error(tmp_path):
-    (tmp_path / "bad.yaml").write_text("unet: [unclosed")
-    with pytest.raises(ValueError, match="not valid YAML"):
-        load_config(tmp_path / "bad.yaml")
-    with pytest.raises(ValueError, match="cannot read config"):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("unet: [unclosed")
+    with pytest.raises(ValueError, match="not valid YAML") as e:
+        load_config(bad)
+    assert not isinstance(e.value, yaml.YAMLError) and str(bad) in str(e.value)  # a ValueError naming the file
+    assert e.value.__suppress_context__  # one message, not the parser's traceback chained under it
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- unet\n- autoencoder\n")  # valid YAML, but not a mapping
+    with pytest.raises(ValueError, match=re.escape(f"config {listed} must hold a YAML mapping")):
+        load_config(listed)
+
+
+def test_unreadable_config_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match=re.escape(f"cannot read config {tmp_path / 'missing.yaml'}")):
         load_config(tmp_path / "missing.yaml")
-    assert to_dict(LatentDiffusionConfig())["schedule"]["num_timesteps"] == 1000
+    (tmp_path / "latin1.yaml").write_bytes("image_size: 32 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
+    (tmp_path / "empty.yaml").write_text("")
+    assert load_config(tmp_path / "empty.yaml") == LatentDiffusionConfig()  # an empty file is all defaults

@@ -12,18 +12,13 @@ import torch
 
 from latentdiff.config import load_train_config
 from latentdiff.training.state import latest_checkpoint
-from tests import tiny
+from tests.tiny import CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 RUNS = {  # autoencoder + discriminator (two optimizers, D idle at step 0) and latent diffusion (text encoder)
     "ae": ("train_tiny_autoencoder.yaml", ["objective.disc_start=1", "grad_accum=2"]),
     "ldm": ("train_tiny_ldm.yaml", []),
 }
-
-
-def make_shards(folder: Path, n: int = 32) -> Path:
-    return tiny.make_shards(folder, n)
 
 
 def _digest(trainer) -> str:
@@ -36,7 +31,7 @@ def _digest(trainer) -> str:
     return h.hexdigest()
 
 
-def _rank(rank: int, port: int, tmp: Path, queue) -> None:
+def _rank(rank: int, port: int, tmp: Path, shards: Path, queue) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     from latentdiff.training.distributed import init_distributed
@@ -45,8 +40,8 @@ def _rank(rank: int, port: int, tmp: Path, queue) -> None:
     dist = init_distributed("cpu")
     out = {}
     for name, (config, extra) in RUNS.items():
-        cfg = load_train_config(ROOT / "configs" / config,
-                                [f"data.shards={tmp / 'shards'}", "steps=3", "sample_every=0", "log_every=1"] + extra)
+        cfg = load_train_config(CONFIGS / config,
+                                [f"data.shards={shards}", "steps=3", "sample_every=0", "log_every=1"] + extra)
         trainer = Trainer(cfg, tmp / name, dist, resume="none", progress=False)
         keys, digests = [], []
         next_batch, train_step = trainer._next_batch, trainer.train_step
@@ -69,8 +64,8 @@ def _rank(rank: int, port: int, tmp: Path, queue) -> None:
     queue.put((rank, out))
 
 
-def test_two_gloo_ranks_stay_in_lockstep(tmp_path):
-    make_shards(tmp_path / "shards")
+def test_two_gloo_ranks_stay_in_lockstep(tmp_path, tiny_shards):
+    shards = tiny_shards(32)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -78,7 +73,7 @@ def test_two_gloo_ranks_stay_in_lockstep(tmp_path):
     torch.set_num_threads(1)  # forked ranks must not inherit a busy OpenMP pool
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, tmp_path, queue), daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank, args=(r, port, tmp_path, shards, queue), daemon=True) for r in range(WORLD)]
     try:
         for p in procs:
             p.start()

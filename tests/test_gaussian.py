@@ -9,12 +9,7 @@ import torch
 from latentdiff.config import ScheduleConfig
 from latentdiff.diffusion import gaussian as g
 from latentdiff.diffusion.schedule import DiffusionSchedule
-
-
-def close(actual, expected, rtol=1.3e-6, atol=1e-5, msg=""):
-    """Elementwise |actual - expected| <= atol + rtol·|expected| (numpy's check; torch.testing imports slowly)."""
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
-                               rtol=rtol, atol=atol, err_msg=msg)
+from tests.tiny import close
 
 
 def make(prediction_type="epsilon", beta_schedule="scaled_linear"):

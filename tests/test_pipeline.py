@@ -1,25 +1,40 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import latentdiff
-from latentdiff.io.checkpoint import CheckpointError
+from latentdiff.io.checkpoint import CheckpointError, load_model_file, save_model_file
+from latentdiff.models.autoencoder_kl import AutoencoderKL
+from latentdiff.models.text_encoders import TEXT_ENCODERS
+from latentdiff.models.unet import UNetModel
 from latentdiff.pipelines import LatentDiffusionPipeline, parse_parameters
 from tests.tiny import tiny_ldm_config
 
 
 @pytest.fixture(scope="module")
-def pipe():
-    torch.manual_seed(0)
-    return LatentDiffusionPipeline.from_config(tiny_ldm_config(), name="tiny")
+def pipe(tiny_ldm_pipe):
+    return tiny_ldm_pipe
 
 
 def test_exposes_parts_and_returns_pil(pipe):
-    assert pipe.unet is not None and pipe.autoencoder is not None and pipe.text_encoder is not None
-    assert pipe.schedule.num_timesteps == 100
+    cfg = pipe.config
+    assert pipe.modules() == {"unet": pipe.unet, "autoencoder": pipe.autoencoder, "text_encoder": pipe.text_encoder}
+    assert isinstance(pipe.unet, UNetModel) and pipe.unet.cfg == cfg.unet
+    assert isinstance(pipe.autoencoder, AutoencoderKL) and pipe.autoencoder.cfg == cfg.autoencoder
+    assert type(pipe.text_encoder) is TEXT_ENCODERS[cfg.text_encoder.type] and pipe.text_encoder.cfg == cfg.text_encoder
+    assert pipe.schedule.num_timesteps == 100 and pipe.name == "tiny"
+    assert not any(m.training for m in pipe.modules().values())
     images = pipe(["a cat", "a dog"], steps=3, seed=1, num_images_per_prompt=2)
-    assert len(images) == 4 and images[0].size == (16, 16) and images[0].mode == "RGB"
+    assert len(images) == 4 and all(isinstance(im, Image.Image) for im in images)
+    assert images[0].size == (16, 16) and images[0].mode == "RGB"
+    # the PIL images are generate()'s images, mapped from [-1, 1] to 0..255
+    tensors, _ = pipe.generate(["a cat", "a dog"], steps=3, seed=1, num_images_per_prompt=2)
+    expected = ((tensors.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.array_equal(np.stack([np.asarray(im) for im in images]), expected)
     params = parse_parameters(images[3].info["parameters"])
     assert params["prompt"] == "a dog" and params["Seed"] == "4" and params["CFG scale"] == "3"
+    assert params["Model"] == "tiny" and params["Steps"] == "3" and params["Size"] == "16x16"
 
 
 def test_checkpoint_round_trip_is_bit_identical(pipe, tmp_path):
@@ -49,9 +64,19 @@ def test_latent_output_decodes_to_the_images(pipe):
 
 
 def test_scale_one_equals_conditional_only(pipe):
-    a, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0)
-    b, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0, negative_prompt="ignored without guidance")
+    batches = []
+    handle = pipe.unet.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    try:
+        a, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0)
+        assert batches == [1, 1, 1]  # one conditional U-Net call per step, no unconditional half
+        b, _ = pipe.generate("a cat", steps=3, seed=0, scale=1.0, negative_prompt="ignored without guidance")
+    finally:
+        handle.remove()
     assert torch.equal(a, b)
+    # with guidance the negative prompt is used: the equality above is not the negative prompt being dropped
+    c, _ = pipe.generate("a cat", steps=3, seed=0, scale=3.0)
+    d, _ = pipe.generate("a cat", steps=3, seed=0, scale=3.0, negative_prompt="ignored without guidance")
+    assert not torch.equal(c, d) and not torch.equal(a, c)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -68,17 +93,19 @@ def test_bad_arguments(pipe, kwargs, message):
         pipe.generate("a cat", **kwargs)
 
 
-def test_wrong_shaped_weights_are_reported(pipe, tmp_path):
-    path = pipe.save(tmp_path / "a.safetensors")
-    other = tiny_ldm_config(unet={"model_channels": 16, "channel_mult": [1, 2], "attention_resolutions": [2],
-                                  "num_heads": 2, "context_dim": 32, "norm_num_groups": 8})
-    LatentDiffusionPipeline.from_config(other).save(tmp_path / "b.safetensors")
-    from latentdiff.io.checkpoint import load_model_file
-
-    _, parts, _ = load_model_file(tmp_path / "b.safetensors")
-    with pytest.raises(CheckpointError, match="unet weights do not fit the model: .*shape mismatch"):
-        LatentDiffusionPipeline.from_parts(pipe.config, parts)
-    assert path.exists()
+def test_wrong_shaped_weights_are_reported(tmp_path):
+    """A model file whose U-Net weights are narrower than its config says: refused, naming tensors and shapes."""
+    narrow = LatentDiffusionPipeline.from_config(tiny_ldm_config(unet={"model_channels": 16}))
+    _, parts, _ = load_model_file(narrow.save(tmp_path / "narrow.safetensors"))
+    path = save_model_file(tmp_path / "mismatch.safetensors", tiny_ldm_config(), parts)  # config: 32 channels
+    with pytest.raises(CheckpointError) as e:
+        latentdiff.load_pipeline(path)
+    message = str(e.value)
+    assert message.startswith("unet weights do not fit the model: ") and "shape mismatch(es)" in message
+    assert "'input_blocks.0.0.weight: file (16, 4, 3, 3) vs model (32, 4, 3, 3)'" in message
+    assert "missing key" not in message and "unexpected key" not in message  # same names, other shapes
+    with pytest.raises(CheckpointError, match="unet weights do not fit"):
+        LatentDiffusionPipeline.from_parts(tiny_ldm_config(), parts)
 
 
 def test_missing_checkpoint(tmp_path):

@@ -21,15 +21,10 @@ from latentdiff.training.state import (
     load_checkpoint,
 )
 from latentdiff.training.trainer import Trainer
-from tests import tiny
+from tests.tiny import CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "train_tiny_autoencoder.yaml"
+CONFIG = CONFIGS / "train_tiny_autoencoder.yaml"
 STEPS = 6
-
-
-def make_shards(folder: Path, n: int = 32) -> Path:
-    return tiny.make_shards(folder, n)
 
 
 def overrides(shards: Path) -> list[str]:
@@ -76,8 +71,8 @@ def final_state(outdir: Path) -> dict:
     return state
 
 
-def test_sigkill_resume_is_bit_identical(tmp_path):
-    shards = make_shards(tmp_path / "shards")
+def test_sigkill_resume_is_bit_identical(tmp_path, tiny_shards):
+    shards = tiny_shards(32)
     crashed, killed, ref = tmp_path / "crashed", tmp_path / "killed", tmp_path / "ref"
     for d in (crashed, killed):
         d.mkdir()
@@ -117,8 +112,8 @@ def test_sigkill_resume_is_bit_identical(tmp_path):
         torch.set_num_threads(threads)
 
 
-def test_half_written_checkpoint_is_never_loaded(tmp_path, capsys):
-    shards = make_shards(tmp_path / "shards", n=16)
+def test_half_written_checkpoint_is_never_loaded(tmp_path, capsys, tiny_shards):
+    shards = tiny_shards(16)
     outdir = tmp_path / "run"
     cfg = load_train_config(CONFIG, overrides(shards) + ["steps=2", "sample_every=0"])
     Trainer(cfg, outdir, resume="none", progress=False).run()

@@ -8,12 +8,7 @@ import torch
 
 from latentdiff.config import ScheduleConfig
 from latentdiff.diffusion.schedule import COEFFICIENT_NAMES, DiffusionSchedule
-
-
-def close(actual, expected, rtol=1.3e-6, atol=1e-5, msg=""):
-    """Elementwise |actual - expected| <= atol + rtol·|expected| (numpy's check; torch.testing imports slowly)."""
-    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
-                               rtol=rtol, atol=atol, err_msg=msg)
+from tests.tiny import close
 
 
 def make(beta_schedule, **kw):
@@ -68,8 +63,7 @@ def test_invariants(kind):
     # Clipped log variance: log β̃_1 at t = 0, log β̃_t elsewhere.
     assert s.posterior_log_variance_clipped[0].item() == pytest.approx(math.log(s.posterior_variance[1].item()),
                                                                        rel=1e-6)
-    close(s.posterior_log_variance_clipped[1:], s.posterior_variance[1:].log(), rtol=1e-6,
-                               atol=1e-6)
+    close(s.posterior_log_variance_clipped[1:], s.posterior_variance[1:].log(), rtol=1e-6, atol=1e-6)
     # The posterior mean (Eq. 7 of DDPM) at x_t = √ᾱ_t x0 (its mean) is E[x_{t-1} | x0] = √ᾱ_{t-1} x0.
     lhs = s.posterior_mean_coef1.double() + s.posterior_mean_coef2.double() * s.sqrt_alphas_cumprod.double()
     close(lhs, s.alphas_cumprod_prev.double().sqrt(), rtol=1e-6, atol=1e-6)

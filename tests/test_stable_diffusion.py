@@ -7,7 +7,6 @@ each format, loaded with latentdiff and compared (CPU, float32). Models are buil
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -20,10 +19,9 @@ from latentdiff.cli import convert as convert_cli
 from latentdiff.io.checkpoint import CheckpointError
 from latentdiff.io.stable_diffusion import read_stable_diffusion
 from tests import sd_helpers as H
+from tests.tiny import Evil
 
 PROMPTS = ["a photo of a cat", ""]
-ROOT = Path(__file__).resolve().parents[1]
-
 
 convert = convert_cli.main
 
@@ -43,24 +41,30 @@ def vae():
     return H.diffusers_vae()
 
 
+def single_file_case(folder, vae, sd2: bool, text, **load_kwargs) -> SimpleNamespace:
+    """A reference U-Net (SD 1 or SD 2 shaped) with ``vae`` and ``text``, written as a CompVis single file and
+    loaded by latentdiff."""
+    unet = H.diffusers_unet(sd2=sd2)
+    state = H.compvis_state(unet, vae, text, sd2=sd2)
+    file = H.save_single_file(folder / f"sd{1 + sd2}.safetensors", state)
+    return SimpleNamespace(dir=folder, unet=unet, state=state, file=file, pipe=load_pipeline(file, **load_kwargs))
+
+
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory, vae):
-    d = tmp_path_factory.mktemp("sd1")
-    unet, text = H.diffusers_unet(sd2=False), H.clip_text_model()
-    state = H.compvis_state(unet, vae, text, sd2=False)
-    file = H.save_single_file(d / "sd1.safetensors", state)
-    return SimpleNamespace(dir=d, unet=unet, text=text, state=state, file=file,
-                           pipe=load_pipeline(file, overrides=H.SD1_OVERRIDES))
+    text = H.clip_text_model()
+    case = single_file_case(tmp_path_factory.mktemp("sd1"), vae, False, text, overrides=H.SD1_OVERRIDES)
+    case.text = text
+    return case
 
 
 @pytest.fixture(scope="module")
 def sd2(tmp_path_factory, vae):
-    d = tmp_path_factory.mktemp("sd2")
-    unet, tower = H.diffusers_unet(sd2=True), H.openclip_text_tower()
-    state = H.compvis_state(unet, vae, tower, sd2=True)
-    file = H.save_single_file(d / "sd2.safetensors", state)
-    return SimpleNamespace(dir=d, unet=unet, tower=tower, state=state, file=file,
-                           pipe=load_pipeline(file, prediction_type="epsilon", overrides=H.SD2_OVERRIDES))
+    tower = H.openclip_text_tower()
+    case = single_file_case(tmp_path_factory.mktemp("sd2"), vae, True, tower, prediction_type="epsilon",
+                            overrides=H.SD2_OVERRIDES)
+    case.tower = tower
+    return case
 
 
 # ---------------------------------------------------------------------------------------------- numerics
@@ -182,16 +186,6 @@ def test_ckpt_with_tensors_loads_like_safetensors(sd2):
     x, t, ctx = unet_inputs()
     assert torch.equal(pipe.unet(x, t, ctx), sd2.pipe.unet(x, t, ctx))
     assert torch.equal(pipe.text_encoder.encode(PROMPTS), sd2.pipe.text_encoder.encode(PROMPTS))
-
-
-class Evil:
-    """Unpickling this would create a file: a stand-in for arbitrary code execution."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_malicious_ckpt_refused_and_never_executed(sd1):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import warnings
 
 import pytest
@@ -18,6 +17,7 @@ from latentdiff.io.convert_text import (
 )
 from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.tokenizer import END_TOKEN, START_TOKEN, Tokenizer
+from tests.sd_helpers import clip_tokenizer
 
 PROMPTS = [
     "a photo of a cat",
@@ -64,14 +64,7 @@ def test_tokenizer_matches_open_clip():
 
 def test_tokenizer_matches_transformers_clip_tokenizer():
     """transformers' CLIPTokenizer built offline from the vocabulary shipped in open_clip (SD 1.x: pad = end)."""
-    from open_clip.tokenizer import SimpleTokenizer, default_bpe
-    from transformers import CLIPTokenizer
-
-    vocab = dict(SimpleTokenizer().encoder)
-    vocab["<|startoftext|>"] = vocab.pop("<start_of_text>")
-    vocab["<|endoftext|>"] = vocab.pop("<end_of_text>")
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    hf = CLIPTokenizer(vocab=vocab, merges=[tuple(line.split()) for line in lines])
+    hf = clip_tokenizer(pad_token="<|endoftext|>")
     expected = hf(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")["input_ids"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

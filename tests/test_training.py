@@ -4,7 +4,6 @@ run of latentdiff train: autoencoder, then latent diffusion on its latents, whos
 import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,19 +21,10 @@ from latentdiff.training.objectives.perceptual import LPIPS
 from latentdiff.training.optim import lr_lambda
 from latentdiff.training.state import capture_rng, list_checkpoints, load_checkpoint, restore_rng
 from latentdiff.training.trainer import NonFiniteError, Trainer
-from tests import tiny
+from tests.tiny import CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
-AE_CONFIG = ROOT / "configs" / "train_tiny_autoencoder.yaml"
-LDM_CONFIG = ROOT / "configs" / "train_tiny_ldm.yaml"
-
-
-def make_shards(folder: Path, n: int = 16) -> Path:
-    return tiny.make_shards(folder, n)
-
-
-def train_main():
-    return train_cli.main
+AE_CONFIG = CONFIGS / "train_tiny_autoencoder.yaml"
+LDM_CONFIG = CONFIGS / "train_tiny_ldm.yaml"
 
 
 # -- pieces ----------------------------------------------------------------------------------------------------
@@ -104,16 +94,20 @@ def test_train_config_overrides_are_strict(tmp_path):
         load_train_config(bad)
 
 
-def test_cli_bad_input_exits_2(tmp_path, capsys):
-    main = train_main()
-    for argv in (["--config", str(AE_CONFIG), "--set", "optim.nope=1"],
-                 ["--config", str(AE_CONFIG)],  # data.shards empty
-                 ["--config", str(tmp_path / "missing.yaml")]):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert "error:" in err and "Traceback" not in err
+@pytest.mark.parametrize("argv, message", [
+    (["--config", str(AE_CONFIG), "--set", "optim.nope=1"], "override 'optim.nope=1': unknown key 'optim.nope'"),
+    (["--config", str(AE_CONFIG)], "data.shards is empty"),
+    (["--config", "MISSING"], "cannot read config MISSING"),
+])
+def test_cli_bad_input_exits_2(tmp_path, capsys, argv, message):
+    argv = [a.replace("MISSING", str(tmp_path / "missing.yaml")) for a in argv]
+    message = message.replace("MISSING", str(tmp_path / "missing.yaml"))
+    with pytest.raises(SystemExit) as e:
+        train_cli.main([*argv, "--outdir", str(tmp_path / "run")], prog="latentdiff train")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"latentdiff train: error: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_discriminator_and_lpips():
@@ -130,14 +124,14 @@ def test_discriminator_and_lpips():
 # -- the loop --------------------------------------------------------------------------------------------------
 
 
-def _tiny_trainer(tmp_path, extra=()) -> Trainer:
-    cfg = load_train_config(AE_CONFIG, [f"data.shards={make_shards(tmp_path / 'shards')}", "sample_every=0",
+def _tiny_trainer(tmp_path, shards, extra=()) -> Trainer:
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={shards}", "sample_every=0",
                                         "checkpoint_every=1", "objective.disc_weight=0", *extra])
     return Trainer(cfg, tmp_path / "run", resume="none", progress=False)
 
 
-def test_nonfinite_loss_stops_before_the_update(tmp_path):
-    trainer = _tiny_trainer(tmp_path)
+def test_nonfinite_loss_stops_before_the_update(tmp_path, tiny_shards):
+    trainer = _tiny_trainer(tmp_path, tiny_shards(16))
     forward = trainer.objective.forward
 
     def poisoned(batch, step):
@@ -155,8 +149,8 @@ def test_nonfinite_loss_stops_before_the_update(tmp_path):
     assert not (trainer.outdir / "model.safetensors").exists()
 
 
-def test_nonfinite_gradient_stops(tmp_path):
-    trainer = _tiny_trainer(tmp_path, ["steps=2"])
+def test_nonfinite_gradient_stops(tmp_path, tiny_shards):
+    trainer = _tiny_trainer(tmp_path, tiny_shards(16), ["steps=2"])
     weight = trainer.objective.autoencoder.decoder.conv_out.weight
     weight.register_hook(lambda g: g * math.inf)
     with pytest.raises(NonFiniteError, match="non-finite gradient norm"):
@@ -165,18 +159,18 @@ def test_nonfinite_gradient_stops(tmp_path):
     assert torch.isfinite(weight).all()
 
 
-def test_end_to_end_autoencoder_then_latent_diffusion(tmp_path):
-    main = train_main()
-    shards = make_shards(tmp_path / "shards")
+def test_end_to_end_autoencoder_then_latent_diffusion(tmp_path, tiny_shards):
+    main = train_cli.main
+    shards = tiny_shards(16)
     ae_dir, ldm_dir = tmp_path / "ae", tmp_path / "ldm"
     common = ["--set", f"data.shards={shards}", "--set", "steps=3", "--set", "log_every=1", "--no-progress"]
-    main(["--config", str(AE_CONFIG), "--outdir", str(ae_dir), *common])
+    assert main(["--config", str(AE_CONFIG), "--outdir", str(ae_dir), *common]) == 0
     ae_cfg, parts, meta = load_model_file(ae_dir / "model.safetensors")
     assert set(parts) == {"autoencoder"} and meta["step"] == "3" and meta["ema"] == "true"
 
-    main(["--config", str(LDM_CONFIG), "--outdir", str(ldm_dir), *common,
-          "--set", f"objective.autoencoder_checkpoint={ae_dir / 'model.safetensors'}",
-          "--set", "gradient_checkpointing=true", "--set", "objective.min_snr_gamma=5"])
+    assert main(["--config", str(LDM_CONFIG), "--outdir", str(ldm_dir), *common,
+                 "--set", f"objective.autoencoder_checkpoint={ae_dir / 'model.safetensors'}",
+                 "--set", "gradient_checkpointing=true", "--set", "objective.min_snr_gamma=5"]) == 0
     for run in (ae_dir, ldm_dir):
         records = read_log(run / "log.jsonl")
         assert [r["step"] for r in records] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in records)
@@ -192,8 +186,8 @@ def test_end_to_end_autoencoder_then_latent_diffusion(tmp_path):
     assert images[0].size == (16, 16)
 
 
-def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
-    trainer = _tiny_trainer(tmp_path, ["steps=2"])
+def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path, tiny_shards):
+    trainer = _tiny_trainer(tmp_path, tiny_shards(16), ["steps=2"])
     trainer.run()
     ckpts = trainer.outdir / "checkpoints"
     older = Trainer(trainer.cfg, trainer.outdir, resume=str(ckpts / "step_00000001.pt"), progress=False)
@@ -203,8 +197,8 @@ def test_resume_from_an_older_checkpoint_sets_newer_ones_aside(tmp_path):
     assert [s for s, _ in list_checkpoints(ckpts)] == [2, 1]
 
 
-def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path):
-    cfg = load_train_config(AE_CONFIG, [f"data.shards={make_shards(tmp_path / 'shards')}", "sample_every=0",
+def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path, tiny_shards):
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={tiny_shards(16)}", "sample_every=0",
                                         "checkpoint_every=100", "log_every=100", "steps=50",
                                         "objective.disc_weight=0"])
     trainer = Trainer(cfg, tmp_path / "run", resume="none", progress=False, max_minutes=1e-9)
@@ -216,13 +210,13 @@ def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path):
     assert resumed.step == 1 and resumed.stop_step == 50 and not resumed.stopped_by_time
 
 
-def test_init_from_fine_tunes_an_export_and_decoder_only_keeps_the_encoder(tmp_path):
-    main = train_main()
-    shards = make_shards(tmp_path / "shards")
+def test_init_from_fine_tunes_an_export_and_decoder_only_keeps_the_encoder(tmp_path, tiny_shards):
+    main = train_cli.main
+    shards = tiny_shards(16)
     common = ["--set", f"data.shards={shards}", "--set", "steps=2", "--set", "sample_every=0", "--no-progress"]
-    main(["--config", str(AE_CONFIG), "--outdir", str(tmp_path / "ae"), *common])
-    main(["--config", str(LDM_CONFIG), "--outdir", str(tmp_path / "ldm"), *common,
-          "--set", f"objective.autoencoder_checkpoint={tmp_path / 'ae' / 'model.safetensors'}"])
+    assert main(["--config", str(AE_CONFIG), "--outdir", str(tmp_path / "ae"), *common]) == 0
+    assert main(["--config", str(LDM_CONFIG), "--outdir", str(tmp_path / "ldm"), *common,
+                 "--set", f"objective.autoencoder_checkpoint={tmp_path / 'ae' / 'model.safetensors'}"]) == 0
     source = tmp_path / "ldm" / "model.safetensors"
     src_cfg, src, _ = load_model_file(source)
 

@@ -1,38 +1,34 @@
-import subprocess
-import sys
-from pathlib import Path
+"""latentdiff txt2img in-process on the session's tiny checkpoint (tests/conftest.py): PNGs with their parameters,
+no overwriting, clear exits on bad input. The console script and tools/txt2img.py run as programs in test_cli.py."""
 
 import pytest
-import torch
 from PIL import Image
 
 from latentdiff.cli import txt2img
-from latentdiff.pipelines import LatentDiffusionPipeline, parse_parameters
+from latentdiff.io.checkpoint import load_model_file, save_model_file
+from latentdiff.pipelines import parse_parameters
 from tests.tiny import tiny_ldm_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    LatentDiffusionPipeline.from_config(tiny_ldm_config()).save(path)
-    return path
+def ckpt(tiny_ldm_file):
+    return tiny_ldm_file
 
 
-def test_end_to_end_subprocess_writes_png_with_parameters(ckpt, tmp_path):
+def test_writes_pngs_and_a_grid_with_parameters(ckpt, tmp_path, capsys):
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "tools" / "txt2img.py"), "a photo of a cat", "--ckpt", str(ckpt),
-           "--steps", "3", "--seed", "5", "--n_samples", "2", "--outdir", str(out), "--negative-prompt", "blurry"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    assert txt2img.main(["a photo of a cat", "--ckpt", str(ckpt), "--steps", "3", "--seed", "5", "--n_samples", "2",
+                         "--outdir", str(out), "--negative-prompt", "blurry", "--quiet"]) == 0
     pngs = sorted(out.glob("*.png"))
     assert [p.name for p in pngs] == ["00000.png", "00001.png", "00002-grid.png"]
-    params = parse_parameters(Image.open(pngs[1]).info["parameters"])
+    assert str(pngs[0]) in capsys.readouterr().out  # each file is named as it is written
+    images = [Image.open(p) for p in pngs]
+    assert [im.size for im in images[:2]] == [(16, 16)] * 2 and images[2].size[0] > 2 * 16  # grid: side by side
+    params = parse_parameters(images[1].info["parameters"])
     assert params["prompt"] == "a photo of a cat" and params["negative_prompt"] == "blurry"
     assert params["Steps"] == "3" and params["Seed"] == "6" and params["Size"] == "16x16"
     assert params["Sampler"] == "ddim" and params["CFG scale"] == "3"
+    assert parse_parameters(images[0].info["parameters"])["Seed"] == "5"
 
 
 def test_never_overwrites(ckpt, tmp_path):
@@ -42,7 +38,8 @@ def test_never_overwrites(ckpt, tmp_path):
     assert txt2img.main(["cat", "--ckpt", str(ckpt), "--steps", "2", "--seed", "1", "--outdir", str(out),
                          "--quiet"]) == 0
     assert (out / "00000.png").read_bytes() == b"precious"
-    assert (out / "00001.png").exists()
+    assert Image.open(out / "00001.png").size == (16, 16) and sorted(p.name for p in out.iterdir()) == [
+        "00000.png", "00001.png"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -61,18 +58,15 @@ def test_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+    assert not list(tmp_path.glob("*.png"))
 
 
 def test_bad_checkpoints_exit_2(ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00\x01not a safetensors file")
     cfg_mismatch = tmp_path / "mismatch.safetensors"
-    from latentdiff.io.checkpoint import load_model_file, save_model_file
-
     _, parts, _ = load_model_file(ckpt)
-    wrong = tiny_ldm_config(unet={"model_channels": 16, "channel_mult": [1, 2], "attention_resolutions": [2],
-                                  "num_heads": 2, "context_dim": 32, "norm_num_groups": 8})
-    save_model_file(cfg_mismatch, wrong, parts)
+    save_model_file(cfg_mismatch, tiny_ldm_config(unet={"model_channels": 16}), parts)
     cases = [(tmp_path / "missing.safetensors", "does not exist"),
              (garbage, "truncated or corrupt"),
              (cfg_mismatch, "unet weights do not fit the model")]
@@ -82,3 +76,4 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (path, err)
+    assert not list(tmp_path.glob("*.png"))

@@ -13,6 +13,7 @@ from latentdiff.io.convert_unet import (
     unet_state_dict_to_diffusers,
 )
 from latentdiff.models.unet import UNetModel
+from tests.tiny import random_weights
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -39,15 +40,6 @@ SD21_DIFFUSERS = {**SD15_DIFFUSERS, "attention_head_dim": [5, 10, 20, 20], "cros
 SD21_CFG = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (the default init zeroes some output layers, which would hide errors)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model.eval()
-
-
 def inputs(cfg: UNetConfig, B: int = 2, size: int = 8, L: int = 5):
     g = torch.Generator().manual_seed(1)
     x_t = torch.randn(B, cfg.in_channels, size, size, generator=g)
@@ -68,7 +60,7 @@ def test_output_shape_and_dtype(cfg):
 
 @TINY
 def test_matches_diffusers_with_converted_weights(cfg):
-    theirs = randomize_(diffusers_unet(cfg))
+    theirs = random_weights(diffusers_unet(cfg), std=0.2).eval()
     ours = UNetModel(cfg).eval()
     ours.load_state_dict(unet_state_dict_from_diffusers(theirs.state_dict(), cfg), strict=True)
     x_t, t, context = inputs(cfg)
@@ -78,7 +70,7 @@ def test_matches_diffusers_with_converted_weights(cfg):
         assert expected.abs().max() > 0.1  # not a trivially zero output
         assert (out - expected).abs().max().item() <= 1e-4
         # the other direction: our random weights converted into diffusers
-        randomize_(ours, seed=3)
+        random_weights(ours, std=0.2, seed=3)
         theirs.load_state_dict(unet_state_dict_to_diffusers(ours.state_dict(), cfg), strict=True)
         assert (ours(x_t, t, context) - theirs(x_t, t, context).sample).abs().max().item() <= 1e-4
 
@@ -156,7 +148,7 @@ def test_bad_inputs_raise_value_error(bad, match):
 
 
 def test_scalar_and_float_timesteps_broadcast():
-    model = randomize_(UNetModel(SD1_TINY))
+    model = random_weights(UNetModel(SD1_TINY), std=0.2).eval()
     x_t, _, context = inputs(SD1_TINY)
     with torch.no_grad():
         torch.testing.assert_close(model(x_t, 500, context), model(x_t, torch.tensor([500.0, 500.0]), context))
@@ -173,7 +165,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
 
     monkeypatch.setattr(unet_module, "checkpoint", counting_checkpoint)
     cfg = UNetConfig(**{**vars(SD2_TINY), "gradient_checkpointing": True})
-    models = [randomize_(UNetModel(SD2_TINY)).train(), UNetModel(cfg).train()]
+    models = [random_weights(UNetModel(SD2_TINY), std=0.2).train(), UNetModel(cfg).train()]
     models[1].load_state_dict(models[0].state_dict())
     x_t, t, context = inputs(SD2_TINY)
     grads = []

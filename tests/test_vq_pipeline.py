@@ -13,6 +13,7 @@ from latentdiff.io.checkpoint import CheckpointError, save_model_file
 from latentdiff.io.convert_vae import vae_state_dict_to_diffusers
 from latentdiff.io.convert_vq import transformer_config_to_diffusers, transformer_state_dict_to_diffusers
 from latentdiff.pipelines import VQDiffusionPipeline, load_vq_diffusion_folder, parse_parameters
+from tests.tiny import jitter
 
 K, S, T = 32, 4, 10  # codes, code grid side, diffusion steps
 
@@ -33,10 +34,7 @@ def tiny_vq_config(**overrides):
 
 def randomize(pipe: VQDiffusionPipeline, seed: int = 0) -> VQDiffusionPipeline:
     """Sharper random predictions (and a non-zero learned null condition) than the default initialisation."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in pipe.transformer.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    jitter(pipe.transformer, std=0.3, seed=seed)
     return pipe
 
 
@@ -130,9 +128,18 @@ def test_without_learned_null_context_guidance_uses_the_empty_prompt():
         "context_length": 16, "num_timesteps": T, "learned_null_context": False})
     p = randomize(VQDiffusionPipeline.from_config(cfg))
     assert p.transformer.null_context is None
-    torch.testing.assert_close(p.null_context(2), p.text_encoder.encode(["", ""]))
-    images, _ = p.generate("a cat", steps=2, seed=0)
-    assert images.shape == (1, 3, 16, 16)
+    empty = p.text_encoder.encode([""])
+    torch.testing.assert_close(p.null_context(2), empty.expand(2, -1, -1))
+    contexts = []
+    handle = p.transformer.register_forward_hook(lambda m, args, out: contexts.append(args[2]))
+    try:
+        images, _ = p.generate(["a cat", "a dog"], steps=2, seed=0)
+    finally:
+        handle.remove()
+    assert images.shape == (2, 3, 16, 16) and len(contexts) == 2
+    for context in contexts:  # each step: one batch of the null (empty-prompt) half, then the prompts' half
+        torch.testing.assert_close(context[:2], empty.expand(2, -1, -1))
+        torch.testing.assert_close(context[2:], p.text_encoder.encode(["a cat", "a dog"]))
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -1,7 +1,5 @@
 """VQ training objectives with the common trainer: VQ autoencoder, then VQ-Diffusion on its codes, then txt2img."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -17,24 +15,18 @@ from latentdiff.training.objectives import build_objective
 from latentdiff.training.objectives.vq_diffusion import SyncedTimestepSampler
 from latentdiff.training.state import checkpoint_path, load_checkpoint
 from latentdiff.training.trainer import Trainer
-from tests import tiny
+from tests.tiny import CONFIGS
 
-ROOT = Path(__file__).resolve().parents[1]
-
-VQVAE = ROOT / "configs" / "train_tiny_vqvae.yaml"
-VQ_DIFFUSION = ROOT / "configs" / "train_tiny_vq_diffusion.yaml"
+VQVAE = CONFIGS / "train_tiny_vqvae.yaml"
+VQ_DIFFUSION = CONFIGS / "train_tiny_vq_diffusion.yaml"
 FAST = ["steps=2", "log_every=2", "sample_every=2", "checkpoint_every=2"]
 
 
-def make_shards(folder: Path, n: int = 8) -> Path:
-    return tiny.make_shards(folder, n)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, tiny_shards):
     """A 2-step VQ autoencoder run, then a 2-step VQ-Diffusion run on its export."""
     root = tmp_path_factory.mktemp("vq_runs")
-    shards = make_shards(root / "shards")
+    shards = tiny_shards(8)
     vq_cfg = load_train_config(VQVAE, [f"data.shards={shards}", *FAST])
     vq_record = Trainer(vq_cfg, root / "vqvae", resume="none", progress=False).run()
     diff_cfg = load_train_config(VQ_DIFFUSION, [f"data.shards={shards}", *FAST,

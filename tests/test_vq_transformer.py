@@ -13,6 +13,7 @@ from latentdiff.io.convert_vq import (
     transformer_state_dict_to_diffusers,
 )
 from latentdiff.models.transformer import VQDiffusionTransformer
+from tests.tiny import random_weights
 
 K, T, S = 6, 10, 4  # codes, timesteps, latent side
 
@@ -28,14 +29,6 @@ def inputs(B=2, seed=0):
     return x_t, torch.randint(0, T, (B,), generator=g), torch.randn(B, 5, 12, generator=g)
 
 
-def randomize(module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module
-
-
 def test_output_is_log_probs_over_codes():
     model = VQDiffusionTransformer(tiny_config()).eval()
     x_t, t, context = inputs()
@@ -46,16 +39,29 @@ def test_output_is_log_probs_over_codes():
         model(x_t[:, :5], t, context)
 
 
-def test_per_sample_timesteps_and_checkpointing():
-    model = randomize(VQDiffusionTransformer(tiny_config()))
+def test_per_sample_timesteps_and_checkpointing(monkeypatch):
+    import latentdiff.models.transformer as transformer_module
+
+    model = random_weights(VQDiffusionTransformer(tiny_config()), std=0.3).train()
     x_t, t, context = inputs()
     out = model(x_t, t, context)
     for b in range(2):
         torch.testing.assert_close(out[b:b + 1], model(x_t[b:b + 1], int(t[b]), context[b:b + 1]))
-    checkpointed = randomize(VQDiffusionTransformer(tiny_config(gradient_checkpointing=True))).train()
-    loss = checkpointed(x_t, t, context).logsumexp(1).sum()
-    loss.backward()
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(transformer_module, "checkpoint", counting_checkpoint)
+    checkpointed = random_weights(VQDiffusionTransformer(tiny_config(gradient_checkpointing=True)), std=0.3).train()
     torch.testing.assert_close(checkpointed(x_t, t, context), out)
+    assert len(calls) == 2  # one per block (depth 2)
+    for m in (model, checkpointed):  # and the same gradients through the recomputed blocks
+        m.zero_grad()
+        m(x_t, t, context).logsumexp(1).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
 
 
 def test_drop_context_uses_learned_null():
@@ -81,7 +87,7 @@ def diffusers_model(activation_fn):
 
 @pytest.mark.parametrize("activation_fn", ["geglu-approximate", "gelu"])
 def test_matches_diffusers_transformer(activation_fn):
-    ref = randomize(diffusers_model(activation_fn)).eval()
+    ref = random_weights(diffusers_model(activation_fn), std=0.3).eval()
     null = torch.randn(5, 12)
     cfg = transformer_config_from_diffusers(dict(ref.config),
                                             {"learnable": True, "hidden_size": 12, "length": 5})

@@ -1,13 +1,23 @@
-"""Tiny model configs and shards shared by tests (seconds on a CPU)."""
+"""Helpers shared by tests: tiny model configs and shards (seconds on a CPU), random weights, paths, a numeric check
+and a malicious pickle payload. Session-wide fixtures built from these live in tests/conftest.py."""
+
+from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from latentdiff.config import model_config_from_dict
 from latentdiff.data.writer import ShardWriter
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that conftest.py (which imports this) stays cheap
+    import torch
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+CONFIGS = ROOT / "configs"  # the training configs (train_tiny_*.yaml)
 
 
 def make_shards(folder: Path, n: int, size: int = 16) -> Path:
@@ -22,6 +32,8 @@ def make_shards(folder: Path, n: int, size: int = 16) -> Path:
 
 
 def tiny_ldm_config(**overrides):
+    """A latent-diffusion config of 16x16 images. A dict override of a section updates that section only:
+    ``tiny_ldm_config(unet={"model_channels": 16})`` changes the U-Net width and keeps the rest."""
     data = {
         "image_size": 16,
         "guidance_scale": 3.0,
@@ -31,5 +43,46 @@ def tiny_ldm_config(**overrides):
         "text_encoder": {"width": 32, "layers": 1, "heads": 2, "context_length": 16},
         "schedule": {"num_timesteps": 100},
     }
-    data.update(overrides)
+    for key, value in overrides.items():
+        data[key] = {**data[key], **value} if isinstance(value, dict) and isinstance(data.get(key), dict) else value
     return model_config_from_dict(data)
+
+
+def random_weights(module: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
+    """Replace every parameter by N(0, std²) noise (the default init zeroes some output layers, which would hide
+    errors in a comparison). The module's train/eval mode is left as it was."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def jitter(module: torch.nn.Module, std: float, seed: int = 0) -> torch.nn.Module:
+    """Add N(0, std²) noise to every parameter (norm scales and biases too) so no weight keeps a trivial init.
+    The module's train/eval mode is left as it was."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def close(actual, expected, rtol=1.3e-6, atol=1e-5, msg=""):
+    """Elementwise |actual - expected| <= atol + rtol·|expected|, in float64 (numpy's check)."""
+    np.testing.assert_allclose(np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64),
+                               rtol=rtol, atol=atol, err_msg=msg)
+
+
+class Evil:
+    """Unpickling this would create the file ``path``: a stand-in for arbitrary code execution."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))

@@ -1,104 +1,96 @@
-"""Pack results on the device machine into <=15 MB parts (prepare) and copy the next batch into $OUT (send)."""
+"""Mechanics of this project's remote GPU lending, not for users: the lent machine returns at most 8 files of at most
+16 MiB per call (64 MiB in all), so a results folder travels back as a tar cut into 15 MiB parts over one or more
+calls. Users run benchmarks/gpu_bench.sh, tools/train_default_models.sh and tools/evaluate_default_models.sh
+(BENCHMARKS.md, "GPU scripts") and need none of this.
+
+    python .device/ship.py prepare RESULTS PARTS   # on the GPU machine: RESULTS -> PARTS/results.tar.partNN + manifest
+    python .device/ship.py send PARTS OUT          # the next batch of parts not sent yet -> OUT (prints what is left)
+    python .device/ship.py join FETCHED DEST       # back here: check the sha256 of every part, rejoin, untar into DEST
+"""
+
+from __future__ import annotations
+
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tarfile
 from pathlib import Path
 
 PART = 15 * 2**20
-MAX_FILES, MAX_BYTES = 8, 62 * 2**20
+MAX_FILES, MAX_BYTES = 8, 62 * 2**20  # per call, manifest.json included
 
 
-def split(src: Path, parts_dir: Path, name: str) -> list[str]:
-    out, data_len = [], src.stat().st_size
-    with open(src, "rb") as f:
-        i = 0
-        while True:
-            chunk = f.read(PART)
-            if not chunk and i:
-                break
-            p = parts_dir / f"{name}.part{i:02d}"
-            p.write_bytes(chunk)
-            out.append(p.name)
-            i += 1
-            if f.tell() >= data_len:
-                break
-    return out
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def prepare(results: Path, parts: Path) -> None:
+    parts.mkdir(parents=True, exist_ok=True)
+    archive = parts / "results.tar"
+    skip = parts.resolve()  # PARTS may lie inside RESULTS
 
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        return None if (results.resolve().parent / info.name).resolve() == skip else info
 
-def prepare(keep: Path, runs: Path) -> None:
-    parts = keep / "parts"
-    parts.mkdir(exist_ok=True)
-    items = []  # (name, [part files]) in priority order
-    logs = parts / "logs.tgz"
-    with tarfile.open(logs, "w:gz") as tar:
-        for run in sorted(runs.glob("*")):
-            if run.is_file() and run.suffix == ".log":
-                tar.add(run, f"runs/{run.name}")
-            elif run.is_dir():
-                for f in ("log.jsonl", "loss.png", "config.yaml"):
-                    if (run / f).exists():
-                        tar.add(run / f, f"runs/{run.name}/{f}")
-                for f in sorted((run / "samples").glob("*.png")):
-                    tar.add(f, f"runs/{run.name}/samples/{f.name}")
-        for f in sorted(keep.rglob("*")):
-            rel = f.relative_to(keep)
-            if f.is_file() and rel.parts[0] != "parts" and "images" not in rel.parts:
-                tar.add(f, f"keep/{rel}")
-    items.append(("logs.tgz", [logs.name]))
-
-    def add_images(name: str, folder: Path) -> None:
-        if folder.is_dir():
-            tmp = keep / name
-            with tarfile.open(tmp, "w") as tar:
-                for f in sorted(folder.rglob("*.png")):
-                    tar.add(f, str(f.relative_to(folder.parent)))
-            items.append((name, split(tmp, parts, name)))
-            tmp.unlink()
-
-    add_images("sweep_default_images.tar", keep / "sweep_default")
-    for name, src in (("ldm-fp16.safetensors", runs / "cifar10_ldm" / "model-fp16.safetensors"),
-                      ("vq-fp16.safetensors", runs / "cifar10_vq_diffusion" / "model-fp16.safetensors")):
-        if src.exists():
-            items.append((name, split(src, parts, name)))
-    add_images("eval_ldm_images.tar", keep / "eval_ldm" / "images")
-    add_images("eval_vq_images.tar", keep / "eval_vq" / "images")
-    add_images("sweep_images.tar", keep / "sweep")
-    manifest = {"items": [{"name": n, "parts": ps, "sha256": [sha(parts / p) for p in ps]} for n, ps in items]}
+    with tarfile.open(archive, "w") as tar:
+        tar.add(results, arcname=results.resolve().name, filter=keep)
+    names = []
+    with open(archive, "rb") as f:
+        while chunk := f.read(PART):
+            names.append(f"results.tar.part{len(names):02d}")
+            (parts / names[-1]).write_bytes(chunk)
+    archive.unlink()
+    manifest = {"parts": names, "sha256": {n: sha256(parts / n) for n in names}}
     (parts / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    print(json.dumps({n: len(ps) for n, ps in items}))
+    (parts / "sent.txt").write_text("")
+    print(f"{len(names)} parts of <= {PART // 2**20} MiB in {parts}")
 
 
-def send(keep: Path, out: Path) -> None:
-    parts = keep / "parts"
+def send(parts: Path, out: Path) -> None:
     manifest = json.loads((parts / "manifest.json").read_text())
-    sent_file = parts / "sent.txt"
-    sent = set(sent_file.read_text().split()) if sent_file.exists() else set()
-    files, nbytes = ["manifest.json"], (parts / "manifest.json").stat().st_size
-    for item in manifest["items"]:
-        for p in item["parts"]:
-            size = (parts / p).stat().st_size
-            if p in sent or len(files) >= MAX_FILES or nbytes + size > MAX_BYTES:
-                continue
-            files.append(p)
+    sent = set((parts / "sent.txt").read_text().split())
+    batch, nbytes = [], (parts / "manifest.json").stat().st_size
+    for name in manifest["parts"]:
+        size = (parts / name).stat().st_size
+        if name not in sent and len(batch) + 1 < MAX_FILES and nbytes + size <= MAX_BYTES:
+            batch.append(name)
             nbytes += size
-    for f in files:
-        shutil.copy(parts / f, out / f)
-    sent |= set(files) - {"manifest.json"}
-    sent_file.write_text("\n".join(sorted(sent)))
-    left = [p for it in manifest["items"] for p in it["parts"] if p not in sent]
-    print(f"sent {len(files)} files, {nbytes / 2**20:.1f} MiB; left: {left}")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ["manifest.json", *batch]:
+        shutil.copy(parts / name, out / name)
+    sent |= set(batch)
+    (parts / "sent.txt").write_text("\n".join(sorted(sent)))
+    left = [n for n in manifest["parts"] if n not in sent]
+    print(f"sent {len(batch)} parts, {nbytes / 2**20:.1f} MiB; left: {left}")
+
+
+def join(fetched: Path, dest: Path) -> None:
+    manifest = json.loads((fetched / "manifest.json").read_text())
+    missing = [n for n in manifest["parts"] if not (fetched / n).is_file()]
+    if missing:
+        sys.exit(f"missing parts (fetch them with more 'send' calls): {missing}")
+    bad = [n for n in manifest["parts"] if sha256(fetched / n) != manifest["sha256"][n]]
+    if bad:
+        sys.exit(f"sha256 mismatch: {bad}")
+    archive = fetched / "results.tar"
+    with open(archive, "wb") as f:
+        for name in manifest["parts"]:
+            f.write((fetched / name).read_bytes())
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(dest, filter="data")
+    archive.unlink()
+    print(f"unpacked into {dest}")
 
 
 if __name__ == "__main__":
-    cmd, keep = sys.argv[1], Path(sys.argv[2])
-    if cmd == "prepare":
-        prepare(keep, Path(sys.argv[3]))
-    else:
-        send(keep, Path(sys.argv[3] if len(sys.argv) > 3 else os.environ["OUT"]))
+    commands = {"prepare": prepare, "send": send, "join": join}
+    if len(sys.argv) != 4 or sys.argv[1] not in commands:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    commands[sys.argv[1]](Path(sys.argv[2]), Path(sys.argv[3]))

@@ -1,82 +1,214 @@
 #!/usr/bin/env bash
-# Train both kinds of CIFAR-10 default model with the project's own tools, side by side on one machine (a GPU):
-#   continuous: KL autoencoder ($AE_CONFIG), then latent diffusion on its latents ($LDM_CONFIG)
-#   discrete:   VQ autoencoder ($VQVAE_CONFIG), then VQ-Diffusion on its codes ($VQD_CONFIG)
-# Each stage runs for a wall-clock budget (tools/train.py --max-minutes); the configs' `steps` are only caps. Then
-# each export is also packed as latentdiff/assets/ ships it (model-fp16.safetensors: tools/pack_model.py --half
-# --vocabulary $SHARDS).
-# The default configs are the GPU recipe (configs/*_gpu.yaml and configs/cifar10_vq*.yaml), not yet run at full
-# length; the shipped continuous model came from configs/cifar10_{autoencoder,ldm}.yaml on a CPU (MODEL_CARD.md).
-#
-#   bash tools/train_default_models.sh                       # defaults below; runs/ and data/ under the repo
-#   AE_MINUTES=1.8 DIFFUSION_MINUTES=4 RUNS=/tmp/runs bash tools/train_default_models.sh
-#   AE_CONFIG=configs/cifar10_autoencoder.yaml LDM_CONFIG=configs/cifar10_ldm.yaml bash tools/train_default_models.sh
-#   EXTRA="--set device=cpu" bash tools/train_default_models.sh        # any extra tools/train.py arguments
-#   STREAMS=continuous AE_MINUTES=2 DIFFUSION_MINUTES=9 bash tools/train_default_models.sh   # one kind only
-#
-# The stages' logs go to $RUNS/continuous.log and $RUNS/discrete.log; the exit status is non-zero when a stream
-# fails. STREAMS picks the streams (default: "continuous discrete").
-set -uo pipefail
-cd "$(dirname "$0")/.."
+# Train the CIFAR-10 default models with the project's own tools, on one machine (a CUDA GPU by default).
+# Run from a clone with the package installed (pip install -e .); works from any current folder.
+set -euo pipefail
 
-RUNS=${RUNS:-runs}
-SHARDS=${SHARDS:-data/cifar10-train-shards}
-SOURCE=${SOURCE:-../shared/data/cifar10/cifar10-train.tar.gz}
-AE_MINUTES=${AE_MINUTES:-1.8}
-DIFFUSION_MINUTES=${DIFFUSION_MINUTES:-4}
-EXTRA=${EXTRA:-}
-STREAMS=${STREAMS:-continuous discrete}
-AE_CONFIG=${AE_CONFIG:-configs/cifar10_autoencoder_gpu.yaml}
-LDM_CONFIG=${LDM_CONFIG:-configs/cifar10_ldm_gpu.yaml}
-VQVAE_CONFIG=${VQVAE_CONFIG:-configs/cifar10_vqvae.yaml}
-VQD_CONFIG=${VQD_CONFIG:-configs/cifar10_vq_diffusion.yaml}
-for stream in $STREAMS; do
-    case $stream in
-        continuous|discrete) ;;
-        *) echo "STREAMS: unknown stream '$stream' (continuous, discrete)" >&2; exit 2 ;;
-    esac
-done
-mkdir -p "$RUNS"
+usage() {
+    cat <<'EOF'
+usage: tools/train_default_models.sh [options] OUTDIR
 
-if [ ! -f "$SHARDS/manifest.json" ]; then
-    python tools/make_shards.py "$SOURCE" "$SHARDS" --quiet || exit 2
-fi
+Train the CIFAR-10 default models with tools/train.py, the streams side by side, each stage under a wall-clock
+budget (tools/train.py --max-minutes; a config's `steps` is only a cap), and pack each final model as the embedded
+ones are packed (tools/pack_model.py --half --vocabulary SHARDS). Streams:
 
-train() {  # train CONFIG OUTDIR MINUTES [more tools/train.py arguments]
-    local config=$1 outdir=$2 minutes=$3
-    shift 3
-    # shellcheck disable=SC2086  # EXTRA is split into words on purpose
-    python tools/train.py --config "$config" --outdir "$outdir" --max-minutes "$minutes" --no-progress \
-        --set "data.shards=$SHARDS" "$@" $EXTRA
+  continuous  KL autoencoder (--ae-config), then latent diffusion on its latents (--ldm-config)
+              -> OUTDIR/cifar10_autoencoder/, OUTDIR/cifar10_ldm/ (model.safetensors, model-fp16.safetensors)
+  discrete    VQ autoencoder (--vqvae-config), then VQ-Diffusion on its codes (--vqd-config)
+              -> OUTDIR/cifar10_vqvae/, OUTDIR/cifar10_vq_diffusion/ (model.safetensors, model-fp16.safetensors)
+  finetune    fine-tune a model file (--init) as v1.3 of the default model was made: its U-Net and text encoder
+              (configs/cifar10_ldm_finetune_gpu.yaml) and, at the same time, its autoencoder's decoder with the
+              patch GAN (configs/cifar10_decoder_finetune_gpu.yaml), both for --diffusion-minutes
+              -> OUTDIR/finetune_ldm/, OUTDIR/finetune_decoder/, OUTDIR/finetune/model-fp16.safetensors (the new
+              U-Net and text encoder with the new decoder, packed)
+
+Also written: OUTDIR/<stream>.log (the stream's tools/train.py and tools/pack_model.py output), OUTDIR/env.txt.
+Every run folder holds tools/train.py's log.jsonl, loss plot, sample grids and checkpoints; a killed run
+continues from its newest checkpoint when the same command runs again. The exit status is 1 when a stream fails.
+
+options:
+  --streams LIST          comma-separated: continuous, discrete, finetune (default: continuous,discrete)
+  --shards DIR            CIFAR-10 training shards (default: data/cifar10-train-shards in the repository);
+                          made with tools/make_shards.py from --source when DIR has no manifest.json
+  --source PATH           the CIFAR-10 training images (cifar10-train.tar.gz, or a folder train/<class>/*.jpg);
+                          needed only when --shards does not exist yet
+  --ae-minutes M          budget of each autoencoder stage (default: 1.8)
+  --diffusion-minutes M   budget of each diffusion stage and of the fine-tunes (default: 4)
+  --ae-config FILE        default: configs/cifar10_autoencoder_gpu.yaml
+  --ldm-config FILE       default: configs/cifar10_ldm_gpu.yaml
+  --vqvae-config FILE     default: configs/cifar10_vqvae.yaml
+  --vqd-config FILE       default: configs/cifar10_vq_diffusion.yaml
+  --init FILE             the finetune stream's starting model (default: latentdiff/assets/default.safetensors,
+                          the shipped v1.3; v1.3 itself was made from v1.2, see BENCHMARKS.md)
+  --set KEY=VALUE         passed to every tools/train.py call (repeatable), e.g. --set device=cpu; a path in
+                          VALUE is read from the repository root (the other options' paths from the current folder)
+  --smoke                 a check of this script in minutes, e.g. on a CPU: the configs/train_tiny_*.yaml
+                          configs (6 steps) for continuous/discrete, 2 steps at batch 4 for finetune, on the CPU
+  -h, --help              show this help and exit
+
+Environment: PYTHON (default: python, else python3).
+Examples:
+  tools/train_default_models.sh --source PATH/TO/cifar10-train.tar.gz runs/gpu
+  tools/train_default_models.sh --streams continuous --ae-minutes 2 --diffusion-minutes 9 runs/continuous
+  tools/train_default_models.sh --ae-config configs/cifar10_autoencoder.yaml --ldm-config configs/cifar10_ldm.yaml \
+      --streams continuous runs/cpu-recipe
+EOF
 }
 
-pack() {  # pack MODEL_FILE OUT_FILE: float16, token embedding cut to the captions' vocabulary (tools/pack_model.py)
-    python tools/pack_model.py "$1" "$2" --half --vocabulary "$SHARDS" --overwrite
+die() { echo "train_default_models.sh: error: $1" >&2; echo "run 'tools/train_default_models.sh --help' for usage" >&2; exit 2; }
+abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+STREAMS=continuous,discrete
+SHARDS=$ROOT/data/cifar10-train-shards
+SOURCE=
+AE_MINUTES=1.8
+DIFFUSION_MINUTES=4
+AE_CONFIG=$ROOT/configs/cifar10_autoencoder_gpu.yaml
+LDM_CONFIG=$ROOT/configs/cifar10_ldm_gpu.yaml
+VQVAE_CONFIG=$ROOT/configs/cifar10_vqvae.yaml
+VQD_CONFIG=$ROOT/configs/cifar10_vq_diffusion.yaml
+INIT=$ROOT/latentdiff/assets/default.safetensors
+SETS=()
+SMOKE=0
+OUTDIR=
+need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h|--help) usage; exit 0 ;;
+        --streams) need "$1" $#; STREAMS=$2; shift 2 ;;
+        --shards) need "$1" $#; SHARDS=$(abspath "$2"); shift 2 ;;
+        --source) need "$1" $#; SOURCE=$(abspath "$2"); shift 2 ;;
+        --ae-minutes) need "$1" $#; AE_MINUTES=$2; shift 2 ;;
+        --diffusion-minutes) need "$1" $#; DIFFUSION_MINUTES=$2; shift 2 ;;
+        --ae-config) need "$1" $#; AE_CONFIG=$(abspath "$2"); shift 2 ;;
+        --ldm-config) need "$1" $#; LDM_CONFIG=$(abspath "$2"); shift 2 ;;
+        --vqvae-config) need "$1" $#; VQVAE_CONFIG=$(abspath "$2"); shift 2 ;;
+        --vqd-config) need "$1" $#; VQD_CONFIG=$(abspath "$2"); shift 2 ;;
+        --init) need "$1" $#; INIT=$(abspath "$2"); shift 2 ;;
+        --set) need "$1" $#; SETS+=(--set "$2"); shift 2 ;;
+        --smoke) SMOKE=1; shift ;;
+        --) shift; [ $# -eq 1 ] || die "expected exactly one OUTDIR after --"; OUTDIR=$1; shift ;;
+        -*) die "unknown option $1" ;;
+        *) [ -z "$OUTDIR" ] || die "more than one OUTDIR: '$OUTDIR' and '$1'"; OUTDIR=$1; shift ;;
+    esac
+done
+[ -n "$OUTDIR" ] || die "missing OUTDIR (the folder the runs go to)"
+STREAMS=${STREAMS//,/ }
+[ -n "${STREAMS// /}" ] || die "--streams is empty"
+for stream in $STREAMS; do
+    case $stream in
+        continuous|discrete|finetune) ;;
+        *) die "--streams: unknown stream '$stream' (continuous, discrete, finetune)" ;;
+    esac
+done
+for m in "$AE_MINUTES" "$DIFFUSION_MINUTES"; do
+    [[ $m =~ ^[0-9]+([.][0-9]+)?$ ]] || die "minutes must be a positive number, got '$m'"
+done
+for f in "$AE_CONFIG" "$LDM_CONFIG" "$VQVAE_CONFIG" "$VQD_CONFIG"; do [ -f "$f" ] || die "no config file $f"; done
+if [[ " $STREAMS " == *" finetune "* ]] && [ ! -f "$INIT" ]; then die "--init: no model file $INIT"; fi
+if [ ! -f "$SHARDS/manifest.json" ]; then
+    [ -n "$SOURCE" ] || die "no shards in $SHARDS (no manifest.json): give --source PATH/TO/cifar10-train.tar.gz \
+to make them, or --shards DIR (CIFAR-10: see BENCHMARKS.md, 'Data')"
+    [ -e "$SOURCE" ] || die "--source: $SOURCE does not exist"
+fi
+
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
+[ -n "$PYTHON" ] || die "no python found (set PYTHON)"
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+cd "$ROOT"
+export PYTHONUNBUFFERED=1
+
+SMALL=()  # --smoke: the finetune configs at a CPU's size
+if [ "$SMOKE" = 1 ]; then
+    AE_CONFIG=$ROOT/configs/train_tiny_autoencoder.yaml
+    LDM_CONFIG=$ROOT/configs/train_tiny_ldm.yaml
+    VQVAE_CONFIG=$ROOT/configs/train_tiny_vqvae.yaml
+    VQD_CONFIG=$ROOT/configs/train_tiny_vq_diffusion.yaml
+    SMALL=(--max-steps 2 --set data.batch_size=4 --set data.num_workers=0 --set log_every=1 --set sample_every=2
+           --set checkpoint_every=2 --set device=cpu --set precision=fp32)
+fi
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES" \
+         "--diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke')"
+    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
+    "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__); \
+print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+    if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
+} > "$OUTDIR/env.txt" 2>&1 || true
+cat "$OUTDIR/env.txt"
+
+if [ ! -f "$SHARDS/manifest.json" ]; then
+    echo "making $SHARDS from $SOURCE"
+    "$PYTHON" tools/make_shards.py "$SOURCE" "$SHARDS" --quiet
+fi
+
+train() {  # train CONFIG RUN_DIR MINUTES [more tools/train.py arguments]
+    local config=$1 outdir=$2 minutes=$3
+    shift 3
+    "$PYTHON" tools/train.py --config "$config" --outdir "$outdir" --max-minutes "$minutes" --no-progress \
+        --set "data.shards=$SHARDS" "$@" ${SETS[@]+"${SETS[@]}"}
+}
+
+pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float16, the captions' vocabulary
+    local src=$1 dst=$2
+    shift 2
+    "$PYTHON" tools/pack_model.py "$src" "$dst" --half --vocabulary "$SHARDS" --overwrite "$@"
 }
 
 continuous() {
-    train "$AE_CONFIG" "$RUNS/cifar10_autoencoder" "$AE_MINUTES" &&
-    train "$LDM_CONFIG" "$RUNS/cifar10_ldm" "$DIFFUSION_MINUTES" \
-        --set "objective.autoencoder_checkpoint=$RUNS/cifar10_autoencoder/model.safetensors" &&
-    pack "$RUNS/cifar10_ldm/model.safetensors" "$RUNS/cifar10_ldm/model-fp16.safetensors"
+    train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
+    train "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" "$DIFFUSION_MINUTES" \
+        --set "objective.autoencoder_checkpoint=$OUTDIR/cifar10_autoencoder/model.safetensors"
+    pack "$OUTDIR/cifar10_ldm/model.safetensors" "$OUTDIR/cifar10_ldm/model-fp16.safetensors"
 }
 
 discrete() {
-    train "$VQVAE_CONFIG" "$RUNS/cifar10_vqvae" "$AE_MINUTES" &&
-    train "$VQD_CONFIG" "$RUNS/cifar10_vq_diffusion" "$DIFFUSION_MINUTES" \
-        --set "objective.vqvae_checkpoint=$RUNS/cifar10_vqvae/model.safetensors" &&
-    pack "$RUNS/cifar10_vq_diffusion/model.safetensors" "$RUNS/cifar10_vq_diffusion/model-fp16.safetensors"
+    train "$VQVAE_CONFIG" "$OUTDIR/cifar10_vqvae" "$AE_MINUTES"
+    train "$VQD_CONFIG" "$OUTDIR/cifar10_vq_diffusion" "$DIFFUSION_MINUTES" \
+        --set "objective.vqvae_checkpoint=$OUTDIR/cifar10_vqvae/model.safetensors"
+    pack "$OUTDIR/cifar10_vq_diffusion/model.safetensors" "$OUTDIR/cifar10_vq_diffusion/model-fp16.safetensors"
+}
+
+finetune() {  # the U-Net + text encoder and the decoder side by side, then one packed file of both
+    train configs/cifar10_ldm_finetune_gpu.yaml "$OUTDIR/finetune_ldm" "$DIFFUSION_MINUTES" \
+        --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
+    local unet=$!
+    train configs/cifar10_decoder_finetune_gpu.yaml "$OUTDIR/finetune_decoder" "$DIFFUSION_MINUTES" \
+        --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
+    local decoder=$!
+    local status=0
+    wait "$unet" || status=1
+    wait "$decoder" || status=1
+    [ "$status" -eq 0 ] || return 1
+    mkdir -p "$OUTDIR/finetune"
+    pack "$OUTDIR/finetune_ldm/model.safetensors" "$OUTDIR/finetune/model-fp16.safetensors" \
+        --decoder "$OUTDIR/finetune_decoder/model.safetensors"
+}
+
+run_stream() {
+    case $1 in
+        continuous) continuous ;;
+        discrete) discrete ;;
+        finetune) finetune ;;
+    esac
 }
 
 declare -A pids
 for stream in $STREAMS; do
-    "$stream" > "$RUNS/$stream.log" 2>&1 &
+    echo "starting $stream (log: $OUTDIR/$stream.log)"
+    # each stream in a subshell with errexit on: its first failing command ends it with that status
+    (set -e; run_stream "$stream") > "$OUTDIR/$stream.log" 2>&1 &
     pids[$stream]=$!
 done
 status=0
-for stream in "${!pids[@]}"; do
-    wait "${pids[$stream]}"; code=$?
-    echo "$stream: exit $code ($RUNS/$stream.log)"
-    [ $code -eq 0 ] || status=1
+for stream in $STREAMS; do
+    code=0
+    wait "${pids[$stream]}" || code=$?
+    echo "$stream: exit $code ($OUTDIR/$stream.log)"
+    [ $code -eq 0 ] || { status=1; tail -n 15 "$OUTDIR/$stream.log"; }
 done
 exit $status

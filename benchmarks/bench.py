@@ -8,11 +8,12 @@ the table reports medians after warmup, the ratio diffusers/latentdiff (> 1: lat
 one call (torch.utils.flop_counter) and the achieved TFLOP/s; on CPU also the medians of process CPU time, which
 a machine shared with other jobs disturbs less than wall-clock time.
 
-    python tools/bench.py
-    OMP_NUM_THREADS=2 python tools/bench.py --config small --repeats 7 --steps 50
-    python tools/bench.py --config sd15 --device cuda --dtype fp16 --json bench_sd15.json
+    python benchmarks/bench.py
+    OMP_NUM_THREADS=2 python benchmarks/bench.py --config small --repeats 7 --steps 50
+    python benchmarks/bench.py --config sd15 --device cuda --dtype fp16 --json bench_sd15.json
 
-diffusers is a benchmark/test-only dependency; it is imported here, never by the package.
+diffusers is a benchmark/test-only dependency (``pip install -e .[dev]``); it is imported here, never by the
+package.
 """
 
 from __future__ import annotations
@@ -22,21 +23,18 @@ import json
 import statistics
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from latentdiff.atomic import atomic_write  # noqa: E402
-from latentdiff.config import ScheduleConfig, UNetConfig  # noqa: E402
-from latentdiff.diffusion.samplers import classifier_free_guidance, sample  # noqa: E402
-from latentdiff.diffusion.schedule import DiffusionSchedule  # noqa: E402
-from latentdiff.io.convert_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers  # noqa: E402
-from latentdiff.models.attention import get_attention_backend, set_attention_backend  # noqa: E402
-from latentdiff.models.unet import UNetModel  # noqa: E402
+from latentdiff.atomic import atomic_write
+from latentdiff.config import ScheduleConfig, UNetConfig
+from latentdiff.diffusion.samplers import classifier_free_guidance, sample
+from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.io.convert_unet import unet_config_to_diffusers, unet_state_dict_from_diffusers
+from latentdiff.models.attention import get_attention_backend, set_attention_backend
+from latentdiff.models.unet import UNetModel
 
 # name -> (U-Net config, latent side, context length)
 CONFIGS = {

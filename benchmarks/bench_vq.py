@@ -7,9 +7,9 @@ pipeline calls (text encoding, the reverse chain, VQ decoding), median of ``--re
 (same Gumbel noise stream; float rounding may flip a few draws). TFLOP/s counts the transformer only
 (torch.utils.flop_counter), the dominant cost.
 
-    python tools/bench_vq.py                                      # tiny preset on the CPU, a sanity run
-    python tools/bench_vq.py --preset small ithq --device cuda --dtype fp32 fp16 --repeats 3
-    python tools/bench_vq.py --preset tiny --folder               # also load through a saved diffusers folder
+    python benchmarks/bench_vq.py                                      # tiny preset on the CPU, a sanity run
+    python benchmarks/bench_vq.py --preset small ithq --device cuda --dtype fp32 fp16 --repeats 3
+    python benchmarks/bench_vq.py --preset tiny --folder               # also load through a saved diffusers folder
 
 Presets: ``tiny`` (32 px, 8x8 codes, 2 layers), ``small`` (128 px, 16x16 codes of 1024, 12 layers of 512),
 ``ithq`` (the shape of microsoft/vq-diffusion-ithq: 256 px, 32x32 codes of 4096, 36 layers of 1408, CLIP B/32
@@ -18,7 +18,9 @@ text encoder; random weights, nothing is downloaded). diffusers is a benchmark-o
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -26,9 +28,32 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from latentdiff.cli import ArgumentParser, fail, resolve_device_dtype  # noqa: E402
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, the module docstring kept verbatim."""
+
+
+def fail(message: str) -> None:
+    """One message on stderr, exit status 2 (bad input), no traceback."""
+    print(f"bench_vq: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def resolve_device_dtype(device: str, precision: str):
+    """(torch device, torch dtype); ``auto`` is CUDA when available; fp16 is refused on the CPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        fail(f"--device {device!r} is not a device torch knows: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        fail(f"--device {device} was asked for but CUDA is not available on this machine")
+    if dev.type == "cpu" and precision == "fp16":
+        fail("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    return dev, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 PRESETS = {
     "tiny": dict(image=32, ch=[32, 64, 64], layers_per_block=1, latent_channels=32, embed=32, codes=256, heads=4,
@@ -202,6 +227,7 @@ class Table:
 
     def __init__(self):
         self.base: dict[tuple[str, str], float] = {}
+        self.rows: list[dict] = []
         head = (f"{'preset':<7}{'dtype':<6}{'impl':<20}{'calls':>6}{'time s':>10}{'speedup':>10}{'peak GiB':>10}"
                 f"{'TFLOP/s':>10}{'codes agree':>13}")
         print(head + "\n" + "-" * len(head), flush=True)
@@ -210,12 +236,14 @@ class Table:
         if r["impl"] == "diffusers":
             self.base[(r["preset"], r["dtype"])] = r["seconds"]
         speedup = self.base[(r["preset"], r["dtype"])] / r["seconds"]
+        self.rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v)
+                          for k, v in (r | {"speedup": speedup}).items()})
         print(f"{r['preset']:<7}{r['dtype']:<6}{r['impl']:<20}{r['steps']:>6}{r['seconds']:>10.3f}"
               f"{speedup:>9.2f}x{r['peak_gib']:>10.2f}{r['tflops']:>10.4f}{r['agree']:>13}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", nargs="+", default=["tiny"], choices=sorted(PRESETS), help="model sizes to run")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "fp16", "bf16"],
@@ -228,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="sampling seed of both pipelines")
     p.add_argument("--folder", action="store_true",
                    help="convert through diffusers' save_pretrained folder and load_vq_diffusion_folder")
+    p.add_argument("--json", metavar="OUT", help="also write the rows as JSON to this file")
     args = p.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         fail(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
@@ -250,6 +279,17 @@ def main(argv: list[str] | None = None) -> int:
     table = Table()
     for name in args.preset:
         bench_preset(name, args, device, table)
+    if args.json:
+        from latentdiff.atomic import atomic_write
+
+        result = {"device": card, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                  "threads": torch.get_num_threads(), "batch": args.batch, "scale": args.scale,
+                  "timesteps": TIMESTEPS, "repeats": args.repeats,
+                  "presets": {n: {k: PRESETS[n][k] for k in ("image", "codes", "depth")} | {
+                      "latent_side": PRESETS[n]["image"] // 2 ** (len(PRESETS[n]["ch"]) - 1)} for n in args.preset},
+                  "rows": table.rows}
+        with atomic_write(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return 0
 
 

@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# Side-by-side benchmarks of latentdiff against diffusers on one CUDA GPU (BENCHMARKS.md, "GPU scripts").
+# Run from a clone with the package installed (pip install -e .[dev]); works from any current folder.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+usage: benchmarks/gpu_bench.sh [--device DEV] [--only LIST] [--smoke] OUTDIR
+
+Run latentdiff's benchmarks against diffusers (benchmarks/*.py) on one GPU and write every table, JSON result and
+log into OUTDIR (created if missing; existing files of the same names are replaced):
+
+  env.txt           GPU (nvidia-smi), driver, Python, torch and diffusers versions, CPU count, git commit
+  unet_small.*      benchmarks/bench.py --config small --dtype fp32 --steps 50 --repeats 9
+                    (U-Net call with guidance batching + 50-step guided DDIM loop)
+  unet_sd15_bf16.*  benchmarks/bench.py --config sd15 --dtype bf16 --batch 1 --steps 50 --repeats 5
+  unet_sd15_fp16.*  the same in fp16
+  train.*           benchmarks/bench_train.py --config configs/cifar10_ldm_gpu.yaml --batch 256 --repeats 20
+                    --warmup 5 (training step against diffusers' train_text_to_image loop)
+  vq.*              benchmarks/bench_vq.py --preset small ithq --dtype fp32 fp16 --repeats 2 (VQ-Diffusion sampling)
+  vae.*             benchmarks/bench_vae.py --size 512 --dtype fp32, then bf16 (KL autoencoder encode/decode)
+  load.*            benchmarks/bench_load.py --repeats 2 (SD 1.5 single-file loading: CPU memory and time;
+                    only with --only ... load: it writes a 2 GB file to the temporary folder)
+  gpu_util.log      nvidia-smi dmon samples (5 s) over the whole run, when nvidia-smi exists
+  summary.txt       every table above, in order
+
+For each benchmark NAME: NAME.txt (its table), NAME.json (its numbers), NAME.log (progress and errors).
+A failing benchmark is reported and the others still run; the exit status is 1 if any failed.
+
+options:
+  --device DEV   torch device (default: cuda); cuda must be available unless DEV is cpu
+  --only LIST    comma-separated subset of: unet,sd15,train,vq,vae,load (default: unet,sd15,train,vq,vae)
+  --smoke        tiny models, one repeat, outputs named *_tiny.*: checks the script in minutes, e.g. on a
+                 CPU: --smoke --device cpu
+  -h, --help     show this help and exit
+
+Environment: PYTHON (default: python, else python3).
+Example: benchmarks/gpu_bench.sh results/gpu-bench
+EOF
+}
+
+die() { echo "gpu_bench.sh: error: $1" >&2; echo "run 'benchmarks/gpu_bench.sh --help' for usage" >&2; exit 2; }
+
+DEVICE=cuda
+ONLY=unet,sd15,train,vq,vae
+SMOKE=0
+OUTDIR=
+while [ $# -gt 0 ]; do
+    case $1 in
+        -h|--help) usage; exit 0 ;;
+        --device) [ $# -ge 2 ] || die "--device needs a value"; DEVICE=$2; shift 2 ;;
+        --device=*) DEVICE=${1#*=}; shift ;;
+        --only) [ $# -ge 2 ] || die "--only needs a value"; ONLY=$2; shift 2 ;;
+        --only=*) ONLY=${1#*=}; shift ;;
+        --smoke) SMOKE=1; shift ;;
+        --) shift; [ $# -eq 1 ] || die "expected exactly one OUTDIR after --"; OUTDIR=$1; shift ;;
+        -*) die "unknown option $1" ;;
+        *) [ -z "$OUTDIR" ] || die "more than one OUTDIR: '$OUTDIR' and '$1'"; OUTDIR=$1; shift ;;
+    esac
+done
+[ -n "$OUTDIR" ] || die "missing OUTDIR (the folder the results go to)"
+for name in ${ONLY//,/ }; do
+    case $name in
+        unet|sd15|train|vq|vae|load) ;;
+        *) die "--only: unknown benchmark '$name' (unet, sd15, train, vq, vae, load)" ;;
+    esac
+done
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
+
+PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
+[ -n "$PYTHON" ] || die "no python found (set PYTHON)"
+if [ "${DEVICE%%:*}" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    die "--device $DEVICE: CUDA is not available here (for a check of this script: --smoke --device cpu)"
+fi
+mkdir -p "$OUTDIR"
+OUTDIR=$(cd "$OUTDIR" && pwd)
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+export PYTHONUNBUFFERED=1
+
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
+    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
+    "$PYTHON" -c "import sys, torch, diffusers; print('python', sys.version.split()[0]); \
+print('torch', torch.__version__, 'cuda', torch.version.cuda); print('diffusers', diffusers.__version__); \
+print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
+    if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
+} > "$OUTDIR/env.txt" 2>&1 || true
+cat "$OUTDIR/env.txt"
+
+MONITOR=
+if command -v nvidia-smi >/dev/null && [ "$DEVICE" != cpu ]; then
+    nvidia-smi dmon -s um -d 5 > "$OUTDIR/gpu_util.log" 2>&1 &
+    MONITOR=$!
+fi
+cleanup() { if [ -n "$MONITOR" ]; then kill "$MONITOR" 2>/dev/null || true; fi; }
+trap cleanup EXIT
+
+FAILED=()
+bench() {  # bench NAME SCRIPT [ARGS...]: stdout -> NAME.txt, stderr -> NAME.log, JSON -> NAME.json
+    local name=$1
+    shift
+    echo "== $name: $PYTHON $*" | tee "$OUTDIR/$name.log"
+    local start=$SECONDS
+    if "$PYTHON" "$@" --json "$OUTDIR/$name.json" > "$OUTDIR/$name.txt" 2>> "$OUTDIR/$name.log"; then
+        cat "$OUTDIR/$name.txt"
+        echo "== $name: done in $((SECONDS - start)) s"
+    else
+        tail -n 20 "$OUTDIR/$name.log"
+        echo "== $name: FAILED after $((SECONDS - start)) s (see $OUTDIR/$name.log)"
+        FAILED+=("$name")
+    fi
+}
+
+D=(--device "$DEVICE")
+if [ "$SMOKE" = 1 ]; then
+    want unet && bench unet_tiny benchmarks/bench.py --config tiny "${D[@]}" --dtype fp32 --steps 2 --repeats 1 --warmup 0
+    want sd15 && bench unet_tiny_bf16 benchmarks/bench.py --config tiny "${D[@]}" --dtype bf16 --steps 0 --repeats 1 --warmup 0
+    want train && bench train_tiny benchmarks/bench_train.py --config configs/train_tiny_ldm.yaml "${D[@]}" --batch 4 \
+        --repeats 1 --warmup 0
+    want vq && bench vq_tiny benchmarks/bench_vq.py --preset tiny "${D[@]}" --dtype fp32 --repeats 1 --skip 4
+    want vae && bench vae_tiny benchmarks/bench_vae.py --config tiny --size 32 "${D[@]}" --dtype fp32 --repeats 1 --warmup 0
+    want load && bench load_tiny benchmarks/bench_load.py --size tiny --repeats 1
+else
+    want unet && bench unet_small benchmarks/bench.py --config small "${D[@]}" --dtype fp32 --steps 50 --repeats 9
+    if want sd15; then
+        bench unet_sd15_bf16 benchmarks/bench.py --config sd15 "${D[@]}" --dtype bf16 --batch 1 --steps 50 --repeats 5
+        bench unet_sd15_fp16 benchmarks/bench.py --config sd15 "${D[@]}" --dtype fp16 --batch 1 --steps 50 --repeats 5
+    fi
+    want train && bench train benchmarks/bench_train.py --config configs/cifar10_ldm_gpu.yaml "${D[@]}" --batch 256 \
+        --repeats 20 --warmup 5
+    want vq && bench vq benchmarks/bench_vq.py --preset small ithq "${D[@]}" --dtype fp32 fp16 --repeats 2
+    if want vae; then
+        bench vae benchmarks/bench_vae.py --size 512 "${D[@]}" --dtype fp32 --repeats 5
+        bench vae_bf16 benchmarks/bench_vae.py --size 512 "${D[@]}" --dtype bf16 --repeats 5
+    fi
+    want load && bench load benchmarks/bench_load.py --repeats 2
+fi
+
+: > "$OUTDIR/summary.txt"
+for f in "$OUTDIR"/*.txt; do
+    case $f in */env.txt|*/summary.txt) continue ;; esac
+    { echo "== $(basename "$f" .txt)"; cat "$f"; echo; } >> "$OUTDIR/summary.txt"
+done
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_bench.sh: failed: ${FAILED[*]} (results of the others in $OUTDIR)" >&2
+    exit 1
+fi
+echo "gpu_bench.sh: all done; results in $OUTDIR"

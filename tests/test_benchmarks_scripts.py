@@ -1,0 +1,93 @@
+"""The GPU scripts (benchmarks/gpu_bench.sh, tools/train_default_models.sh, tools/evaluate_default_models.sh, the
+device driver .device/run.sh) and the benchmark programs answer --help without running anything, and refuse bad
+arguments with status 2. Quick checks only: the scripts' real work needs a GPU (each has a --smoke mode for a
+longer CPU rehearsal, see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ["benchmarks/gpu_bench.sh", "tools/train_default_models.sh", "tools/evaluate_default_models.sh"]
+PROGRAMS = ["benchmarks/bench.py", "benchmarks/bench_train.py", "benchmarks/bench_load.py", "benchmarks/bench_vq.py",
+            "benchmarks/bench_vae.py"]
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_prints_usage_and_does_nothing(script, tmp_path):
+    out = run(["bash", str(ROOT / script), "--help"], cwd=tmp_path)  # from another folder: no work, no files
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"usage: {script} ") and "OUTDIR" in out.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_missing_outdir_exits_2(script, tmp_path):
+    out = run(["bash", str(ROOT / script)], cwd=tmp_path)
+    assert out.returncode == 2
+    assert "missing OUTDIR" in out.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_unknown_option_and_extra_outdir_exit_2(script, tmp_path):
+    out = run(["bash", str(ROOT / script), "--no-such-flag", str(tmp_path / "out")], cwd=tmp_path)
+    assert out.returncode == 2 and "unknown option --no-such-flag" in out.stderr
+    out = run(["bash", str(ROOT / script), "a", "b"], cwd=tmp_path)
+    assert out.returncode == 2 and "more than one OUTDIR" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_values_exit_2_before_any_work(tmp_path):
+    cases = [
+        ["benchmarks/gpu_bench.sh", "--only", "unet,nope", "out"],
+        ["tools/train_default_models.sh", "--streams", "continuous,nope", "out"],
+        ["tools/train_default_models.sh", "--ae-minutes", "soon", "out"],
+        ["tools/train_default_models.sh", "--shards", str(tmp_path / "none"), "out"],  # no shards and no --source
+        ["tools/evaluate_default_models.sh", "--ckpt", str(tmp_path / "missing.safetensors"), "out"],
+        ["tools/evaluate_default_models.sh", "--num-samples", "many", "out"],
+        ["tools/evaluate_default_models.sh", "--precision", "fp8", "out"],
+    ]
+    for args in cases:
+        out = run(["bash", str(ROOT / args[0]), *args[1:]], cwd=tmp_path)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "error:" in out.stderr, args
+    assert not (tmp_path / "out").exists()
+
+
+def test_device_driver_usage(tmp_path):
+    out = run(["bash", str(ROOT / ".device/run.sh"), "--help"], cwd=tmp_path)
+    assert out.returncode == 0 and "not for users" in out.stdout
+    assert run(["bash", str(ROOT / ".device/run.sh")], cwd=tmp_path).returncode == 2
+    out = run([sys.executable, str(ROOT / ".device/ship.py")], cwd=tmp_path)
+    assert out.returncode == 2 and "not for users" in out.stderr
+
+
+def test_ship_round_trip(tmp_path):
+    results = tmp_path / "results"
+    (results / "sub").mkdir(parents=True)
+    (results / "sub" / "a.bin").write_bytes(bytes(range(256)) * 1000)
+    ship = [sys.executable, str(ROOT / ".device/ship.py")]
+    assert run([*ship, "prepare", str(results), str(tmp_path / "parts")]).returncode == 0
+    assert run([*ship, "send", str(tmp_path / "parts"), str(tmp_path / "out")]).returncode == 0
+    out = run([*ship, "join", str(tmp_path / "out"), str(tmp_path / "back")])
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "back" / "results" / "sub" / "a.bin").read_bytes() == (results / "sub" / "a.bin").read_bytes()
+
+
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_benchmark_programs_answer_help(program):
+    pytest.importorskip("diffusers")
+    out = run([sys.executable, str(ROOT / program), "--help"])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: ")

@@ -39,7 +39,9 @@ Example: benchmarks/gpu_bench.sh results/gpu-bench
 EOF
 }
 
-die() { echo "gpu_bench.sh: error: $1" >&2; echo "run 'benchmarks/gpu_bench.sh --help' for usage" >&2; exit 2; }
+SCRIPT=benchmarks/gpu_bench.sh
+# shellcheck source=tools/script_common.sh disable=SC2034  # SCRIPT is read by the sourced file
+source "$(dirname "${BASH_SOURCE[0]}")/../tools/script_common.sh"
 
 DEVICE=cuda
 ONLY=unet,sd15,train,vq,vae
@@ -67,27 +69,7 @@ for name in ${ONLY//,/ }; do
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-[ -n "$PYTHON" ] || die "no python found (set PYTHON)"
-if [ "${DEVICE%%:*}" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    die "--device $DEVICE: CUDA is not available here (for a check of this script: --smoke --device cpu)"
-fi
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-export PYTHONUNBUFFERED=1
-
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
-    "$PYTHON" -c "import sys, torch, diffusers; print('python', sys.version.split()[0]); \
-print('torch', torch.__version__, 'cuda', torch.version.cuda); print('diffusers', diffusers.__version__); \
-print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-    if command -v nvidia-smi >/dev/null; then nvidia-smi; fi
-} > "$OUTDIR/env.txt" 2>&1 || true
-cat "$OUTDIR/env.txt"
+prepare_run "$DEVICE"
 
 MONITOR=
 if command -v nvidia-smi >/dev/null && [ "$DEVICE" != cpu ]; then

@@ -52,9 +52,10 @@ Examples:
 EOF
 }
 
-die() { echo "evaluate_default_models.sh: error: $1" >&2
-        echo "run 'tools/evaluate_default_models.sh --help' for usage" >&2; exit 2; }
-abspath() { case $1 in /*|default|default-vq) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
+SCRIPT=tools/evaluate_default_models.sh
+# shellcheck source=tools/script_common.sh disable=SC2034  # SCRIPT is read by the sourced file
+source "$(dirname "${BASH_SOURCE[0]}")/script_common.sh"
+model_path() { case $1 in default|default-vq) echo "$1" ;; *) abspath "$1" ;; esac; }
 positive() { [[ $2 =~ ^[0-9]+$ ]] || die "$1 must be a whole number, got '$2'"; }
 
 CKPTS=()
@@ -74,20 +75,19 @@ DEVICE=cuda
 PRECISION=fp32
 SMOKE=0
 OUTDIR=
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
-        --ckpt) need "$1" $#; CKPTS+=("$(abspath "$2")"); CKPT_SET=1; shift 2 ;;
-        --sweep-ckpt) need "$1" $#; SWEEPS+=("$(abspath "$2")"); SWEEP_SET=1; shift 2 ;;
-        --runs) need "$1" $#; RUNS=$(abspath "$2"); shift 2 ;;
+        --ckpt) need "$1" $#; CKPTS+=("$(model_path "$2")"); CKPT_SET=1; shift 2 ;;
+        --sweep-ckpt) need "$1" $#; SWEEPS+=("$(model_path "$2")"); SWEEP_SET=1; shift 2 ;;
+        --runs) need "$1" $#; RUNS=$(model_path "$2"); shift 2 ;;
         --num-samples) need "$1" $#; positive "$1" "$2"; NUM=$2; shift 2 ;;
         --sweep-samples) need "$1" $#; positive "$1" "$2"; SWEEP_NUM=$2; shift 2 ;;
         --sweep-steps) need "$1" $#; SWEEP_STEPS=$2; shift 2 ;;
         --steps) need "$1" $#; positive "$1" "$2"; STEPS=$2; shift 2 ;;
         --batch-size) need "$1" $#; positive "$1" "$2"; BATCH=$2; shift 2 ;;
         --reference) need "$1" $#; REFERENCE=$2; shift 2 ;;
-        --inception-weights) need "$1" $#; INCEPTION=$(abspath "$2"); shift 2 ;;
+        --inception-weights) need "$1" $#; INCEPTION=$(model_path "$2"); shift 2 ;;
         --clip) CLIP=1; shift ;;
         --device) need "$1" $#; DEVICE=$2; shift 2 ;;
         --precision) need "$1" $#; PRECISION=$2; shift 2 ;;
@@ -100,7 +100,7 @@ done
 [ -n "$OUTDIR" ] || die "missing OUTDIR (the folder the results go to)"
 case $PRECISION in fp32|bf16|fp16) ;; *) die "--precision must be fp32, bf16 or fp16, got '$PRECISION'" ;; esac
 for s in $SWEEP_STEPS; do positive --sweep-steps "$s"; done
-[ "$REFERENCE" = none ] || REFERENCE=$(abspath "$REFERENCE")
+[ "$REFERENCE" = none ] || REFERENCE=$(model_path "$REFERENCE")
 [ "$REFERENCE" = none ] || [ -e "$REFERENCE" ] || die "--reference: $REFERENCE does not exist"
 [ -z "$INCEPTION" ] || [ -f "$INCEPTION" ] || die "--inception-weights: no file $INCEPTION"
 [ "$CKPT_SET" = 1 ] || CKPTS=(default default-vq)
@@ -127,26 +127,7 @@ fi
 [ "$NUM" -gt 0 ] || CKPTS=()
 [ $(( ${#CKPTS[@]} + ${#SWEEPS[@]} )) -gt 0 ] || die "nothing to run (--num-samples 0 and no sweep)"
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-[ -n "$PYTHON" ] || die "no python found (set PYTHON)"
-if [ "${DEVICE%%:*}" = cuda ] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    die "--device $DEVICE: CUDA is not available here (for a check of this script: --smoke --device cpu)"
-fi
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$ROOT"
-export PYTHONUNBUFFERED=1
-
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
-    "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__); \
-print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-    if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
-} > "$OUTDIR/env.txt" 2>&1 || true
-cat "$OUTDIR/env.txt"
+prepare_run "$DEVICE"
 
 label() {  # a folder name for a model argument
     case $1 in

@@ -54,10 +54,9 @@ Examples:
 EOF
 }
 
-die() { echo "train_default_models.sh: error: $1" >&2; echo "run 'tools/train_default_models.sh --help' for usage" >&2; exit 2; }
-abspath() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
-
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SCRIPT=tools/train_default_models.sh
+# shellcheck source=tools/script_common.sh disable=SC2034  # SCRIPT is read by the sourced file
+source "$(dirname "${BASH_SOURCE[0]}")/script_common.sh"
 STREAMS=continuous,discrete
 SHARDS=$ROOT/data/cifar10-train-shards
 SOURCE=
@@ -71,7 +70,6 @@ INIT=$ROOT/latentdiff/assets/default.safetensors
 SETS=()
 SMOKE=0
 OUTDIR=
-need() { [ "$2" -ge 2 ] || die "$1 needs a value"; }
 while [ $# -gt 0 ]; do
     case $1 in
         -h|--help) usage; exit 0 ;;
@@ -112,12 +110,6 @@ to make them, or --shards DIR (CIFAR-10: see BENCHMARKS.md, 'Data')"
     [ -e "$SOURCE" ] || die "--source: $SOURCE does not exist"
 fi
 
-PYTHON=${PYTHON:-$(command -v python || command -v python3 || true)}
-[ -n "$PYTHON" ] || die "no python found (set PYTHON)"
-mkdir -p "$OUTDIR"
-OUTDIR=$(cd "$OUTDIR" && pwd)
-cd "$ROOT"
-export PYTHONUNBUFFERED=1
 
 SMALL=()  # --smoke: the finetune configs at a CPU's size
 if [ "$SMOKE" = 1 ]; then
@@ -129,17 +121,9 @@ if [ "$SMOKE" = 1 ]; then
            --set checkpoint_every=2 --set device=cpu --set precision=fp32)
 fi
 
-{
-    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)"
-    echo "command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES" \
-         "--diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke')"
-    echo "cpus: $(nproc 2>/dev/null || echo unknown)"
-    "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0]); print('torch', torch.__version__); \
-print('gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none')"
-    if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; fi
-} > "$OUTDIR/env.txt" 2>&1 || true
-cat "$OUTDIR/env.txt"
+ENV_LINES="command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES \
+--diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke')"
+prepare_run cpu
 
 if [ ! -f "$SHARDS/manifest.json" ]; then
     echo "making $SHARDS from $SOURCE"

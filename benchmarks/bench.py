@@ -22,9 +22,9 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
+from timing import time_pair
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -86,32 +86,6 @@ def build_models(cfg: UNetConfig, device: torch.device, dtype: torch.dtype, seed
     ours.load_state_dict(unet_state_dict_from_diffusers(theirs.state_dict(), cfg), strict=True)
     return (ours.to(device, dtype).eval().requires_grad_(False),
             theirs.to(device, dtype).eval().requires_grad_(False))
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_pair(label: str, fns: dict, repeats: int, device: torch.device) -> tuple[dict, dict, float]:
-    """Wall-clock and process CPU seconds per call of each function, interleaved repeat by repeat, and the max
-    |difference| of the two functions' last outputs. Progress goes to stderr.
-
-    On a shared CPU, CPU time is the steadier measure: it does not count time spent waiting for a core."""
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    outputs = {}
-    for i in range(repeats):
-        print(f"bench: {label}, repeat {i + 1}/{repeats}", file=sys.stderr, flush=True)
-        for name, fn in fns.items():
-            _sync(device)
-            start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = fn()
-            _sync(device)
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    ours, theirs = (out.float() for out in outputs.values())
-    return wall, cpu, (ours - theirs).abs().max().item()
 
 
 def count_flops(fn) -> int:

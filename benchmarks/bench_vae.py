@@ -24,7 +24,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -70,33 +69,9 @@ def build(config: str, seed: int):
     return cfg, ours.eval().requires_grad_(False), theirs.eval().requires_grad_(False)
 
 
-def time_pair(label: str, fns: dict, repeats: int, device) -> tuple[dict, dict, float]:
-    """Wall-clock and process CPU seconds of each function, interleaved repeat by repeat, and the max |difference|
-    of the two functions' last outputs."""
-    import torch
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    wall = {name: [] for name in fns}
-    cpu = {name: [] for name in fns}
-    outputs = {}
-    for i in range(repeats):
-        print(f"bench_vae: {label}, repeat {i + 1}/{repeats}", file=sys.stderr, flush=True)
-        for name, fn in fns.items():
-            sync()
-            start, start_cpu = time.perf_counter(), time.process_time()
-            outputs[name] = fn()
-            sync()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-    ours, theirs = (out.float() for out in outputs.values())
-    return wall, cpu, (ours - theirs).abs().max().item()
-
-
 def run(args) -> dict:
     import torch
+    from timing import time_pair
 
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)

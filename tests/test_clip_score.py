@@ -14,8 +14,8 @@ from PIL import Image, PngImagePlugin
 from safetensors.torch import save_file
 
 from latentdiff.cli import clip_score as clip_tool
+from latentdiff.data.image_sources import open_image_source
 from latentdiff.metrics import clip_score as cs
-from latentdiff.metrics.images import open_image_source
 
 ROOT = Path(__file__).resolve().parents[1]
 

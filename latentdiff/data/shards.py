@@ -2,7 +2,9 @@
 
 A shard is a tar whose members ``{key}.{ext}`` are grouped by key (the member path up to the first dot of its
 file name, as webdataset does): ``000000123.jpg``, ``000000123.txt``, ``000000123.json``. Members of one sample
-are consecutive. A *position* is the index of a sample (key group) inside its shard.
+are consecutive. A *position* is the index of a sample (key group) inside its shard. :func:`iter_shard` is the one
+place that groups tar members: training, validation, the classifier and evaluation
+(:mod:`latentdiff.data.image_sources`) all read archives through it.
 
 ``resolve_shards`` turns a spec into paths: a folder (its ``manifest.json`` order, else its ``*.tar`` sorted), a
 brace pattern (``data/{000000..000049}.tar``), a glob (``data/*.tar``) or one file.
@@ -23,12 +25,12 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from latentdiff.data.decode import IMAGE_EXTS
 from latentdiff.data.manifest import load_manifest
 from latentdiff.data.stats import Problem
 
 Report = Callable[[Problem], None]
 _SCANNED: dict[tuple[str, int, int], int] = {}  # (path, size, mtime_ns) -> sample count of a clean scan
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LATENT_EXT = "npy"
 READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
@@ -63,9 +65,14 @@ def split_key(name: str) -> tuple[str, str] | None:
     return (f"{folder}/{stem}" if folder else stem), ext.lower()
 
 
+def image_ext(members: dict[str, bytes]) -> str | None:
+    """The extension of a sample's image member (the first of ``IMAGE_EXTS`` it has), ``None`` if it has none."""
+    return next((e for e in IMAGE_EXTS if e in members), None)
+
+
 def payload_ext(members: dict[str, bytes]) -> str | None:
     """The extension of a sample's image (or latent) member, ``None`` if it has neither."""
-    return next((e for e in (*IMAGE_EXTS, LATENT_EXT) if e in members), None)
+    return image_ext(members) or (LATENT_EXT if LATENT_EXT in members else None)
 
 
 def resolve_shards(spec: str | Sequence[str]) -> list[str]:

@@ -1,5 +1,9 @@
 """Image sources for shard writing: a folder or a tar archive, with captions from class folders or .txt files.
 
+Folders are listed, and errors raised, as in :mod:`latentdiff.data.image_sources` (the evaluation reader); image
+files are those with an extension in :data:`latentdiff.data.decode.IMAGE_EXTS`. Unlike that streaming reader, this
+one reads entries in any order (shard writing shuffles them), so a compressed archive is first decompressed.
+
 Layouts (``layout="auto"`` picks ``captions`` when the source holds any ``.txt`` file, else ``classes``):
 
     classes   ``<anything>/<class>/<image>``: the caption is a template filled with the class (the image's
@@ -17,7 +21,6 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
-import os
 import shutil
 import tarfile
 import tempfile
@@ -25,14 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from latentdiff.data.captions import check_template, class_name, fill_template, pick_template
+from latentdiff.data.decode import IMAGE_EXTS, is_image_name
+from latentdiff.data.image_sources import SourceError, list_files
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 LAYOUTS = ("auto", "classes", "captions")
 _DECOMPRESSORS = {".gz": gzip.open, ".tgz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
-
-
-class SourceError(ValueError):
-    """The source cannot be used (missing, unreadable, no images, bad options)."""
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class ImageSource:
             raise SourceError(f"source {str(self.path)!r} does not exist")
         if not images:
             self.close()
-            raise SourceError(f"source {str(self.path)!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            raise SourceError(f"source {str(self.path)!r} holds no images ({', '.join(IMAGE_EXTS)})")
         self.layout = ("captions" if texts else "classes") if layout == "auto" else layout
         self.entries: list[SourceEntry] = []
         self.skipped: list[dict] = []  # {"source": path, "reason": ...}
@@ -93,18 +93,12 @@ class ImageSource:
 
     def _index_folder(self) -> tuple[list[str], dict[str, str | None]]:
         images, texts = [], {}
-        for folder, dirs, files in os.walk(self.path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if name.startswith("."):
-                    continue
-                full = Path(folder) / name
-                rel = full.relative_to(self.path).as_posix()
-                suffix = full.suffix.lower()
-                if suffix in IMAGE_SUFFIXES:
-                    images.append(rel)
-                elif suffix == ".txt":
-                    texts[rel[:-4]] = _decode_text(full.read_bytes())
+        for full in list_files(self.path):
+            rel = full.relative_to(self.path).as_posix()
+            if is_image_name(rel):
+                images.append(rel)
+            elif full.suffix.lower() == ".txt":
+                texts[rel[:-4]] = _decode_text(full.read_bytes())
         return images, texts
 
     def _index_archive(self) -> tuple[list[str], dict[str, str | None]]:
@@ -128,11 +122,10 @@ class ImageSource:
             base = PurePosixPath(name).name
             if not m.isfile() or base.startswith("."):
                 continue
-            suffix = PurePosixPath(name).suffix.lower()
-            if suffix in IMAGE_SUFFIXES:
+            if is_image_name(name):
                 images.append(name)
                 self._members[name] = m
-            elif suffix == ".txt":
+            elif PurePosixPath(name).suffix.lower() == ".txt":
                 texts[name[:-4]] = _decode_text(self._tar.extractfile(m).read())
         return images, texts
 

@@ -8,7 +8,7 @@ Per-sample problems (they count toward the error rate; each stands for one posit
 
     decode_error      the image (or latent) member cannot be decoded: corrupt or truncated bytes
     missing_caption   the sample has no ``.txt`` member
-    missing_image     the sample has no image (``jpg|jpeg|png|webp``) or latent (``npy``) member
+    missing_image     the sample has no image (``decode.IMAGE_EXTS``) or latent (``npy``) member
     missing_sample    a position the shard's manifest count promises but the shard did not deliver
 
 Shard problems (reported; the positions they lose are counted as ``missing_sample``):

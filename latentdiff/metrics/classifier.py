@@ -36,7 +36,7 @@ from tqdm import tqdm
 from latentdiff.atomic import atomic_write
 from latentdiff.data.decode import DecodeError, decode_image
 from latentdiff.data.manifest import load_manifest
-from latentdiff.data.shards import IMAGE_EXTS, iter_shard, resolve_shards
+from latentdiff.data.shards import image_ext, iter_shard, resolve_shards
 from latentdiff.io.checkpoint import CheckpointError, check_finite, load_into, read_safetensors
 
 FORMAT_NAME = "latentdiff-classifier"
@@ -170,7 +170,7 @@ def load_labelled_shards(spec: str, class_names: list[str] | None = None, limit:
         for path in paths:
             for key, members in iter_shard(path, problems.append):
                 where = f"{path} key {key}"
-                ext = next((e for e in IMAGE_EXTS if e in members), None)
+                ext = image_ext(members)
                 if ext is None:
                     raise ValueError(f"{where}: no image member")
                 try:

@@ -30,12 +30,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from latentdiff.metrics.images import (
+from latentdiff.data.decode import decode_image
+from latentdiff.data.image_sources import (
     FolderSource,
     Sample,
     SampleStream,
     SourceError,
-    decode_image,
+    TarSource,
     select_samples,
     selection_text,
 )
@@ -147,13 +148,17 @@ def load_clip(
 
 
 def caption_of(sample: Sample, image: Image.Image) -> str | None:
-    """The sample's .txt caption, else the first line of a PNG ``parameters`` text chunk, else None."""
+    """The sample's .txt caption, else the first line of a PNG ``parameters`` text chunk, else None.
+
+    ``image`` is the decoded image (latentdiff.data.decode.decode_image), which keeps the PNG's text chunks in
+    ``info``.
+    """
     if sample.caption:
         return sample.caption
-    if image.format != "PNG":
+    parameters = image.info.get("parameters")  # AUTOMATIC1111-style generation parameters
+    if not isinstance(parameters, str) or not parameters.strip():
         return None
-    parameters = image.text.get("parameters", "").strip()  # Automatic1111-style generation parameters
-    return parameters.splitlines()[0].strip() if parameters else None
+    return parameters.strip().splitlines()[0].strip()
 
 
 class ClipInput:
@@ -168,7 +173,7 @@ class ClipInput:
         try:
             image = decode_image(sample.image)
             caption = caption_of(sample, image)
-            pixels = self.preprocess(image.convert("RGB"))
+            pixels = self.preprocess(image)
         except Exception as err:  # decoders raise OSError, ValueError, SyntaxError, DecompressionBombError...
             return sample.name, None, None, f"{type(err).__name__}: {err}"
         return sample.name, pixels, caption, None if caption else "no caption"
@@ -183,7 +188,7 @@ def _collate(items):
 
 
 def score_source(
-    source,
+    source: FolderSource | TarSource,
     model: torch.nn.Module,
     preprocess,
     tokenizer,

@@ -1,13 +1,18 @@
 """Fréchet Inception Distance between image sources and saved statistics.
 
-    features = Features(FEATURE_EXTRACTOR, lambda: load_inception(device="cuda"))
-    a = source_statistics("samples/", features)
-    b = source_statistics("cifar10-test.tar.gz", features, cache_dir=DEFAULT_CACHE_DIR)
-    score = fid(a.stats, b.stats)
+    features = inception_features(device="cuda")          # weights found or obtained on first use
+    a = StatisticsSource("samples/", features)            # opened and checked: nothing computed yet
+    b = StatisticsSource("cifar10-test.tar.gz", features, cache_dir=DEFAULT_CACHE_DIR)
+    if a.needs_features or b.needs_features:
+        features.load()                                   # weights problems surface here, before any progress bar
+    score = fid(a.statistics().stats, b.statistics().stats)
 
-Pipeline per source: select samples (latentdiff.metrics.images), decode to uint8 RGB, resize to 299×299 with the
-documented method (``RESIZE_METHOD``), scale to [0, 1], extract pool3 features, accumulate mean and covariance in
-float64 (latentdiff.metrics.frechet.RunningMoments). Unreadable images are skipped, counted and named.
+(``source_statistics(spec, features, ...)`` opens and computes in one call.)
+
+Pipeline per source: select samples (latentdiff.data.image_sources), decode to uint8 RGB, resize to 299×299 with
+the documented method (``RESIZE_METHOD``, latentdiff.metrics.inception), scale to [0, 1], extract pool3 features,
+accumulate mean and covariance in float64 (latentdiff.metrics.frechet.RunningMoments). Unreadable images are
+skipped, counted and named.
 
 Statistics files are ``.npz`` with ``mu`` (D,), ``sigma`` (D, D), ``count`` and ``meta`` (a JSON string: source,
 selection, resize method, feature extractor, ...); pytorch-fid's files (``mu``, ``sigma`` only) are read too. The
@@ -31,19 +36,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from latentdiff.atomic import atomic_write
-from latentdiff.metrics.frechet import RunningMoments, frechet_distance
-from latentdiff.metrics.images import (
-    RESIZE_METHOD,
+from latentdiff.data.decode import decode_image
+from latentdiff.data.image_sources import (
     FolderSource,
     Sample,
     SampleStream,
     SourceError,
-    decode_image,
+    TarSource,
+    check_selection,
     open_image_source,
-    resize_for_inception,
     select_samples,
     selection_text,
 )
+from latentdiff.metrics.frechet import RunningMoments, frechet_distance
+from latentdiff.metrics.inception import FEATURE_EXTRACTOR, RESIZE_METHOD, load_inception, resize_for_inception
+from latentdiff.metrics.inception_weights import Announce, announce_on_stderr, resolve_inception_weights
 from latentdiff.version import __version__
 
 DEFAULT_CACHE_DIR = Path("~/.cache/latentdiff/fid").expanduser()
@@ -86,9 +93,9 @@ class FeatureStatistics:
 
 
 class Features:
-    """A feature extractor, loaded on first use, and the name its statistics record.
+    """A feature extractor, loaded on first use (or by :meth:`load`), and the name its statistics record.
 
-    ``load()`` returns the model, (B, 3, 299, 299) float RGB in [0, 1] -> (B, D), and a description of its
+    The loader returns the model, (B, 3, 299, 299) float RGB in [0, 1] -> (B, D), and a description of its
     weights. The name alone keys the cache, so cached statistics need no model (nor its weights).
     """
 
@@ -96,11 +103,25 @@ class Features:
         self.name, self._load = name, load
         self._model, self.weights = None, ""
 
-    @property
-    def model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def load(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Load the model now (if not yet loaded) and return it."""
         if self._model is None:
             self._model, self.weights = self._load()
         return self._model
+
+    @property
+    def model(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self.load()
+
+
+def inception_features(
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    announce: Announce | None = announce_on_stderr,
+) -> Features:
+    """The FID feature extractor; on load its weights file is resolved (``weights``, the hub cache, or obtained on
+    first use and said through ``announce``) and the network built on ``device``."""
+    return Features(FEATURE_EXTRACTOR, lambda: load_inception(resolve_inception_weights(weights, announce), device))
 
 
 @dataclass
@@ -140,7 +161,8 @@ def compute_statistics(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> SourceStatistics:
-    """Feature statistics of an opened image source (see latentdiff.metrics.images)."""
+    """Feature statistics of an opened image source (see latentdiff.data.image_sources)."""
+    model = features.load()  # before the progress bar: weights problems must not follow a bar
     needs_total = isinstance(source, FolderSource) or (num_samples is not None and subset == "random")
     total = source.count() if needs_total else None
     selection = select_samples(total, num_samples, subset, seed)
@@ -157,7 +179,7 @@ def compute_statistics(
             failures += failed
             if images is not None:
                 with torch.no_grad():
-                    batch = features.model(images.to(device)).double().cpu().numpy()  # (B, D)
+                    batch = model(images.to(device)).double().cpu().numpy()  # (B, D)
                 if moments is None:
                     moments = RunningMoments(batch.shape[1])
                 moments.update(batch)
@@ -198,6 +220,55 @@ def cache_key(source, features_name: str, num_samples: int | None, subset: str, 
     return h.hexdigest()[:32]
 
 
+class StatisticsSource:
+    """A source spec opened and checked before anything is computed (``SourceError``/``StatisticsError`` now).
+
+    An ``.npz`` file is read, and with ``cache_dir`` a cached result is found, here; otherwise the image source is
+    opened and :meth:`statistics` computes (and caches) its statistics. ``needs_features`` says whether that
+    will need the feature extractor, so that a caller can load it before any computing starts.
+    """
+
+    def __init__(
+        self,
+        spec: str | Path,
+        features: Features,
+        *,
+        cache_dir: str | Path | None = None,
+        num_samples: int | None = None,
+        subset: str = "random",
+        seed: int = 0,
+    ):
+        check_selection(num_samples, subset)
+        self.features = features
+        self.selection = {"num_samples": num_samples, "subset": subset, "seed": seed}
+        self.source: FolderSource | TarSource | None = None
+        self.cache_path: Path | None = None
+        self.ready: SourceStatistics | None = None
+        if str(spec).endswith(".npz"):
+            self.ready = SourceStatistics(FeatureStatistics.load(spec), f"statistics file {spec}")
+            return
+        self.source = open_image_source(spec)
+        if cache_dir is not None:
+            key = cache_key(self.source, features.name, num_samples, subset, seed)
+            self.cache_path = Path(cache_dir).expanduser() / f"{key}.npz"
+            if self.cache_path.is_file():
+                self.ready = SourceStatistics(FeatureStatistics.load(self.cache_path), f"cache {self.cache_path}")
+
+    @property
+    def needs_features(self) -> bool:
+        return self.ready is None
+
+    def statistics(self, **compute_kwargs) -> SourceStatistics:
+        """The statistics: read when opened, else computed (``compute_kwargs``: see :func:`compute_statistics`)."""
+        if self.ready is not None:
+            return self.ready
+        result = compute_statistics(self.source, self.features, **self.selection, **compute_kwargs)
+        if self.cache_path is not None:
+            result.stats.save(self.cache_path)
+            result.origin = f"computed, cached in {self.cache_path}"
+        return result
+
+
 def source_statistics(
     spec: str | Path,
     features: Features,
@@ -208,21 +279,9 @@ def source_statistics(
     seed: int = 0,
     **compute_kwargs,
 ) -> SourceStatistics:
-    """Statistics of a source spec: an .npz file is read; images are computed, or read from ``cache_dir``."""
-    if str(spec).endswith(".npz"):
-        return SourceStatistics(FeatureStatistics.load(spec), f"statistics file {spec}")
-    source = open_image_source(spec)
-    cache_path = None
-    if cache_dir is not None:
-        key = cache_key(source, features.name, num_samples, subset, seed)
-        cache_path = Path(cache_dir).expanduser() / f"{key}.npz"
-        if cache_path.is_file():
-            return SourceStatistics(FeatureStatistics.load(cache_path), f"cache {cache_path}")
-    result = compute_statistics(source, features, num_samples=num_samples, subset=subset, seed=seed, **compute_kwargs)
-    if cache_path is not None:
-        result.stats.save(cache_path)
-        result.origin = f"computed, cached in {cache_path}"
-    return result
+    """Statistics of a source spec in one call: :class:`StatisticsSource` opened, then its statistics."""
+    opened = StatisticsSource(spec, features, cache_dir=cache_dir, num_samples=num_samples, subset=subset, seed=seed)
+    return opened.statistics(**compute_kwargs)
 
 
 def check_compatible(a: FeatureStatistics, b: FeatureStatistics) -> list[str]:

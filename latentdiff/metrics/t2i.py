@@ -30,6 +30,7 @@ from tqdm import tqdm
 from latentdiff.assets import CIFAR10_CLASSIFIER
 from latentdiff.atomic import atomic_write
 from latentdiff.data.captions import fill_template
+from latentdiff.data.image_sources import open_image_source
 from latentdiff.io.images import save_png_new, to_pil
 from latentdiff.metrics.classifier import CifarClassifier, accuracy_report
 from latentdiff.metrics.fid import (
@@ -38,15 +39,10 @@ from latentdiff.metrics.fid import (
     SourceStatistics,
     check_compatible,
     fid,
+    inception_features,
     source_statistics,
 )
-from latentdiff.metrics.images import RESIZE_METHOD, open_image_source
-from latentdiff.metrics.inception import (
-    FEATURE_EXTRACTOR,
-    InceptionWeightsError,
-    find_inception_weights,
-    load_inception,
-)
+from latentdiff.metrics.inception import RESIZE_METHOD, InceptionWeightsError
 from latentdiff.version import __version__
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -119,12 +115,6 @@ class Judges:
     num_workers: int = 0
 
 
-def inception_features(weights: str | Path | None = None, device="cpu") -> Features:
-    """The FID feature extractor (weights resolved now: ``InceptionWeightsError`` if absent; loaded on first use)."""
-    path = find_inception_weights(weights)
-    return Features(FEATURE_EXTRACTOR, lambda: load_inception(path, device=device))
-
-
 def load_judges(reference: str | None, classifier: str | Path | None, clip: dict | None = None,
                 inception_weights: str | Path | None = None, reference_samples: int | None = None,
                 cache_dir: str | Path | None = DEFAULT_CACHE_DIR, device="cpu", fid_batch_size: int = 50,
@@ -158,7 +148,9 @@ def load_judges(reference: str | None, classifier: str | Path | None, clip: dict
         judges.notes["fid"] = "no reference given"
     else:
         try:
-            judges.features = inception_features(inception_weights, device)
+            features = inception_features(inception_weights, device)
+            features.load()  # weights found or obtained now (said on stderr), before any progress bar
+            judges.features = features
         except InceptionWeightsError as e:
             if inception_weights is not None:
                 raise

@@ -1,42 +1,44 @@
-"""Image sources for evaluation (folders, tar archives, webdataset shards) and the FID resize.
+"""Reading image sources sample by sample: folders, tar archives and webdataset shards (FID, CLIP score).
 
 A source is one of
-- a folder: every image file below it (recursive; hidden files skipped), in sorted path order. A sample's caption
-  is the same-name ``.txt`` file beside the image;
-- a ``.tar``/``.tar.gz``/``.tgz`` file, a folder holding only ``.tar`` shards, or a brace pattern
-  (``shards-{000000..000009}.tar``): members are grouped by webdataset key (the member path up to the first dot
-  of its file name), in archive order; a sample's image is its first image member, its caption its ``.txt``.
+- a folder: every image file below it (recursive; hidden files and folders skipped), in sorted path order. A
+  sample's caption is the same-name ``.txt`` file beside the image;
+- a tar archive (``.tar``, ``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``), a folder holding only archives (shards),
+  or a brace pattern (``shards-{000000..000009}.tar``): members are grouped by webdataset key by
+  :func:`latentdiff.data.shards.iter_shard`, in archive order; a sample's image is its member with an image
+  extension (:data:`latentdiff.data.decode.IMAGE_EXTS`), its caption its ``.txt`` member.
+
+:func:`open_image_source` checks a source (it exists, holds images, its archives open) without reading its
+images, so that a command can open all its sources before computing anything.
 
 Samples are numbered in that order; a selection (all, the first N, or N chosen at random with a seed) is a sorted
 array of those numbers. :class:`SampleStream` hands a selection to DataLoader workers (worker w of W takes every
 W-th selected sample) and maps each through a transform.
-
-The FID resize (:func:`resize_for_inception`) follows clean-fid's "clean" mode (Parmar et al., 2022, "On Aliased
-Resizing and Surprising Subtleties in GAN Evaluation"): decode to uint8 RGB, then resize each channel as a float32
-image with PIL's antialiased bicubic filter to 299×299, without rounding or clipping the result.
 """
 
 from __future__ import annotations
 
-import io
+import argparse
 import os
 import tarfile
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-RESIZE_METHOD = "PIL bicubic (antialiased) per channel in float32 from uint8 RGB to 299x299, no rounding or clipping"
+from latentdiff.data.decode import IMAGE_EXTS, is_image_name
+from latentdiff.data.shards import READ_ERRORS, image_ext, iter_shard
+from latentdiff.data.stats import Problem
+
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
+SUBSETS = ("random", "first")
 
 
 class SourceError(ValueError):
-    """A source path that cannot be read as images; the message names it."""
+    """A source that cannot be read as images (missing, unreadable, no images, bad options); the message names it."""
 
 
 def error_message(err: BaseException) -> str:
@@ -57,12 +59,18 @@ class Sample:
     error: str | None = None
 
 
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not Path(name).name.startswith(".")
+def is_archive(path: str | Path) -> bool:
+    """Whether a file name ends in one of :data:`TAR_SUFFIXES` (any case)."""
+    return Path(path).name.lower().endswith(TAR_SUFFIXES)
 
 
-def _is_tar(path: Path) -> bool:
-    return path.name.lower().endswith(TAR_SUFFIXES)
+def list_files(root: str | Path) -> list[Path]:
+    """Every file below ``root`` (recursive, following folder links), hidden files and folders skipped, sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(folder) / name for name in files if not name.startswith(".")]
+    return sorted(found)
 
 
 class FolderSource:
@@ -94,8 +102,13 @@ class FolderSource:
             yield index, Sample(name, image, caption)
 
 
+def _unreadable(problem: Problem) -> None:
+    """``iter_shard``'s report: an evaluation source must be read whole, so any shard problem stops it."""
+    raise SourceError(f"{problem.shard}: unreadable archive ({problem.kind.replace('_', ' ')}: {problem.detail})")
+
+
 class TarSource:
-    """Samples of tar archives / webdataset shards, grouped by key, in archive order."""
+    """Samples of tar archives / webdataset shards that hold an image, grouped by key, in archive order."""
 
     def __init__(self, tars: list[Path], description: str):
         self.tars = tars
@@ -104,93 +117,88 @@ class TarSource:
     def files(self) -> list[Path]:
         return self.tars
 
-    def _groups(self, with_data: bool) -> Iterator[tuple[str, dict[str, bytes | None]]]:
-        """Yield (key, {extension: bytes or None}) per webdataset sample; streams each archive once."""
-        for tar_path in self.tars:
-            key, group = None, {}
-            try:
-                with tarfile.open(tar_path, "r|*") as archive:
-                    for member in archive:
-                        if not member.isfile() or Path(member.name).name.startswith("."):
-                            continue
-                        folder, base = member.name.rpartition("/")[::2]
-                        stem, _, ext = base.partition(".")
-                        member_key = f"{folder}/{stem}" if folder else stem
-                        if member_key != key:
-                            if group:
-                                yield key, group
-                            key, group = member_key, {}
-                        wanted = with_data and (ext.lower() == "txt" or _is_image(base))
-                        group[ext.lower()] = archive.extractfile(member).read() if wanted else None
-            except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-                raise SourceError(f"{tar_path}: unreadable archive ({type(err).__name__}: {err})") from err
-            if group:
-                yield key, group
+    def _images(self) -> Iterator[tuple[str, str, dict[str, bytes]]]:
+        """Yield (key, image extension, members) per sample with an image; streams each archive once."""
+        for tar in self.tars:
+            for key, members in iter_shard(str(tar), _unreadable):
+                ext = image_ext(members)
+                if ext is not None:
+                    yield key, ext, members
 
     def count(self) -> int:
-        return sum(1 for _, group in self._groups(False) if any(_is_image("x." + ext) for ext in group))
+        return sum(1 for _ in self._images())
 
     def iter_samples(self, keep: Callable[[int], bool], stop: int | None = None, captions: bool = False):
         """Yield (number, Sample) for each sample whose number ``keep`` accepts, up to ``stop``."""
-        index = -1
-        for key, group in self._groups(True):
-            image_ext = next((ext for ext in group if _is_image("x." + ext)), None)
-            if image_ext is None:
-                continue
-            index += 1
+        for index, (key, ext, members) in enumerate(self._images()):
             if stop is not None and index >= stop:
                 return
             if keep(index):
-                text = group.get("txt")
+                text = members.get("txt")
                 caption = text.decode("utf-8").strip() if captions and text is not None else None
-                yield index, Sample(f"{key}.{image_ext}", group[image_ext], caption)
+                yield index, Sample(f"{key}.{ext}", members[ext], caption)
 
 
-def _expand_braces(spec: str) -> list[Path]:
-    from braceexpand import braceexpand  # a webdataset dependency
+def _check_archive(path: Path) -> None:
+    """Open an archive and read its first header: a file that is not a tar fails here, before any computing."""
+    try:
+        with tarfile.open(path, "r|*") as archive:
+            archive.next()
+    except READ_ERRORS as err:
+        raise SourceError(f"{path}: unreadable archive ({type(err).__name__}: {err})") from err
 
-    paths = [Path(p) for p in braceexpand(spec)]
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise SourceError(f"{spec}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
-    return paths
+
+def _tar_source(tars: list[Path], description: str) -> TarSource:
+    for tar in tars:
+        _check_archive(tar)
+    return TarSource(tars, description)
 
 
 def open_image_source(spec: str | Path) -> FolderSource | TarSource:
-    """Open a folder, tar archive, folder of shards or brace pattern (see module docstring)."""
+    """Open a folder, tar archive, folder of shards or brace pattern (see module docstring); ``SourceError`` if
+    it is missing, holds no images or an archive does not open."""
     spec = str(spec)
     if "{" in spec:
-        tars = _expand_braces(spec)
-        return TarSource(tars, f"{spec} ({len(tars)} shards)")
+        tars = [Path(p) for p in braceexpand(spec)]
+        missing = [p for p in tars if not p.is_file()]
+        if missing:
+            raise SourceError(f"{spec}: {len(missing)} of {len(tars)} shards are missing, e.g. {missing[0]}")
+        return _tar_source(tars, f"{spec} ({len(tars)} shards)")
     path = Path(spec).expanduser()
     if path.is_file():
-        if not _is_tar(path):
+        if not is_archive(path):
             raise SourceError(f"{path}: not a folder, a tar archive ({', '.join(TAR_SUFFIXES)}) or .npz statistics")
-        return TarSource([path], f"{path} (tar archive)")
+        return _tar_source([path], f"{path} (tar archive)")
     if not path.is_dir():
         raise SourceError(f"{path}: no such file or folder")
-    files = sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
-    )
-    images = [p for p in files if _is_image(p.name)]
-    tars = [p for p in files if _is_tar(p)]
+    files = list_files(path)
+    images = [p for p in files if is_image_name(p.name)]
+    tars = [p for p in files if is_archive(p)]
     if images and tars:
-        raise SourceError(f"{path} holds both images and .tar shards; pass a folder with only one kind")
+        raise SourceError(f"{path} holds both images and tar shards; pass a folder with only one kind")
     if tars:
-        return TarSource(tars, f"{path} ({len(tars)} shards)")
+        return _tar_source(tars, f"{path} ({len(tars)} shards)")
     if not images:
-        raise SourceError(f"{path}: no images ({', '.join(IMAGE_EXTENSIONS)}) and no .tar shards found")
+        raise SourceError(f"{path}: no images ({', '.join(IMAGE_EXTS)}) and no tar shards found")
     return FolderSource(path, images)
 
 
-def add_selection_arguments(parser, what: str) -> None:
-    """The command-line options that choose and read a source's samples (tools/fid.py, tools/clip_score.py)."""
+def add_selection_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The command-line options that choose and read a source's samples (``latentdiff fid``, ``clip_score``)."""
     parser.add_argument("--num-samples", type=int, default=None, help=f"{what} to use; None: all")
-    parser.add_argument("--subset", choices=("random", "first"), default="random",
+    parser.add_argument("--subset", choices=SUBSETS, default="random",
                         help="with --num-samples: a seeded random subset, or the first N in source order")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes")
+
+
+def check_selection(num_samples: int | None, subset: str) -> None:
+    """Raise ``ValueError`` for a bad ``num_samples`` or ``subset``, before any sample is read."""
+    if num_samples is not None and num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if subset not in SUBSETS:
+        raise ValueError(f"subset={subset!r} is not one of {list(SUBSETS)}")
 
 
 def select_samples(total: int | None, num_samples: int | None, subset: str, seed: int) -> np.ndarray | None:
@@ -198,14 +206,11 @@ def select_samples(total: int | None, num_samples: int | None, subset: str, seed
 
     ``total`` is only needed for a random subset.
     """
+    check_selection(num_samples, subset)
     if num_samples is None:
         return None
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
     if subset == "first":
         return np.arange(num_samples)
-    if subset != "random":
-        raise ValueError(f"subset={subset!r} is not 'first' or 'random'")
     if num_samples >= total:
         return None
     return np.sort(np.random.default_rng(seed).choice(total, size=num_samples, replace=False))
@@ -223,7 +228,8 @@ def selection_text(selection: np.ndarray | None, total: int | None, subset: str,
 class SampleStream(IterableDataset):
     """The selected samples of a source, split among DataLoader workers, each mapped through ``transform``."""
 
-    def __init__(self, source, selection: np.ndarray | None, transform: Callable[[Sample], object], captions=False):
+    def __init__(self, source: FolderSource | TarSource, selection: np.ndarray | None,
+                 transform: Callable[[Sample], object], captions: bool = False):
         self.source, self.selection, self.transform, self.captions = source, selection, transform, captions
 
     def __iter__(self):
@@ -243,20 +249,3 @@ class SampleStream(IterableDataset):
 
         for _, sample in self.source.iter_samples(keep, stop, self.captions):
             yield self.transform(sample)
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (errors surface here, not later)."""
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image
-
-
-def resize_for_inception(image: Image.Image, size: int = 299) -> np.ndarray:
-    """The documented FID resize (see module docstring): (3, size, size) float32 on the 0..255 scale."""
-    rgb = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
-    channels = [
-        np.asarray(Image.fromarray(rgb[:, :, c].astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC))
-        for c in range(3)
-    ]  # 3 x (size, size) float32
-    return np.stack(channels)  # (3, size, size)

@@ -51,6 +51,10 @@ def test_never_overwrites(ckpt, tmp_path):
     (["--n_samples", "0"], "--n_samples must be a positive integer"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
     (["--sampler", "euler_a", "--eta", "0.5", "--steps", "2"], "is only used by sampler='ddim'"),
+    (["--scale", "nan"], "--scale must be a finite number, got nan"),
+    (["--scale", "inf"], "--scale must be a finite number, got inf"),
+    (["--eta", "nan"], "--eta must be a finite number"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer"),
 ])
 def test_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -77,3 +81,31 @@ def test_bad_checkpoints_exit_2(ckpt, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (path, err)
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_outdir_that_is_a_file_exits_2(ckpt, tmp_path, capsys):
+    target = tmp_path / "taken"
+    target.write_bytes(b"keep")
+    with pytest.raises(SystemExit) as e:
+        txt2img.main(["cat", "--ckpt", str(ckpt), "--outdir", str(target), "--quiet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--outdir {target} exists and is not a folder" in err and "Traceback" not in err
+    assert target.read_bytes() == b"keep"
+
+
+def test_batches_give_the_images_of_one_call(ckpt, tmp_path):
+    """--batch-size splits the work, not the result: image i has seed + i either way, and a large --n_samples is
+    written batch by batch (no grid past GRID_MAX)."""
+    common = ["a photo of a cat", "--ckpt", str(ckpt), "--steps", "2", "--seed", "7", "--n_samples", "5", "--quiet"]
+    assert txt2img.main([*common, "--outdir", str(tmp_path / "one"), "--batch-size", "5"]) == 0
+    assert txt2img.main([*common, "--outdir", str(tmp_path / "split"), "--batch-size", "2"]) == 0
+    for i in range(5):
+        a, b = (Image.open(tmp_path / d / f"{i:05d}.png") for d in ("one", "split"))
+        assert a.info["parameters"] == b.info["parameters"] and f"Seed: {7 + i}," in a.info["parameters"]
+        diff = max(abs(x - y) for pa, pb in zip(a.getdata(), b.getdata()) for x, y in zip(pa, pb))
+        assert diff <= 1  # the same image; batch composition may move a rounding by one level
+    assert (tmp_path / "split" / "00005-grid.png").is_file()
+    many = txt2img.GRID_MAX + 1
+    assert txt2img.main(["cat", "--ckpt", str(ckpt), "--steps", "1", "--n_samples", str(many), "--batch-size", "32",
+                         "--outdir", str(tmp_path / "many"), "--quiet"]) == 0
+    assert len(list((tmp_path / "many").glob("*.png"))) == many  # every image, no grid

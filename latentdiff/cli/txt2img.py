@@ -10,16 +10,21 @@ Examples (from the repository root)::
     latentdiff txt2img "a castle" --ckpt path/to/diffusers-folder --outdir outputs/castle
 
 Each image is written as a new PNG in ``--outdir`` (existing files are never overwritten) with the generation
-parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images are made.
-Bad input (size, steps, sampler, checkpoint) prints one message and exits with status 2.
+parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images (at most
+GRID_MAX) are made. Images are generated ``--batch-size`` at a time and written as each batch finishes, so any
+``--n_samples`` runs in bounded memory. Bad input (size, steps, sampler, non-finite numbers, checkpoint, an
+``--outdir`` that is a file) prints one message and exits with status 2 before anything is written.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from latentdiff.cli.common import ArgumentParser, fail, resolve_device_dtype
+
+GRID_MAX = 64  # images in a grid at most; larger runs write none
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -43,9 +48,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
                         "default: the model's truncation_rate")
     p.add_argument("--seed", type=int, default=None,
-                   help="random seed (latent diffusion: image i uses seed+i; VQ-Diffusion: one random stream for "
-                        "the whole call); default: random")
+                   help="random seed (latent diffusion: image i uses seed+i, whatever the batch size; VQ-Diffusion: "
+                        "one random stream per batch, seeded with seed + the index of its first image); "
+                        "default: random")
     p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="images generated at once (memory grows with it); each batch is written when done")
     p.add_argument("--H", type=int, default=None, help="image height in pixels; default: the model's size")
     p.add_argument("--W", type=int, default=None, help="image width in pixels; default: the model's size")
     p.add_argument("--outdir", default="outputs/txt2img", help="folder for the PNGs")
@@ -54,7 +62,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="weights/compute precision (auto: bf16 on CUDA if supported, else fp16; fp32 on CPU)")
     p.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"],
                    help="override the prediction type of a Stable Diffusion checkpoint (e.g. SD 2.x 768-v)")
-    p.add_argument("--no-grid", action="store_true", help="do not write a grid image")
+    p.add_argument("--no-grid", action="store_true", help=f"do not write a grid image (none for more than {GRID_MAX})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -70,9 +78,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         fail(f"--n_samples must be a positive integer, got {args.n_samples}")
     if args.truncation is not None and not 0 < args.truncation <= 1:
         fail(f"--truncation must be in (0, 1], got {args.truncation}")
-    for flag, value in (("--H", args.H), ("--W", args.W)):
+    for flag, value in (("--H", args.H), ("--W", args.W), ("--batch-size", args.batch_size)):
         if value is not None and value <= 0:
             fail(f"{flag} must be a positive integer, got {value}")
+    for flag, value in (("--scale", args.scale), ("--eta", args.eta), ("--truncation", args.truncation)):
+        if value is not None and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+    outdir = Path(args.outdir)
+    if outdir.exists() and not outdir.is_dir():
+        fail(f"--outdir {outdir} exists and is not a folder")
 
     import torch
     from tqdm.auto import tqdm
@@ -101,26 +115,29 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except ValueError as e:
         fail(str(e))
 
-    bar = tqdm(total=args.steps, desc="sampling", unit="step", disable=args.quiet)
+    batches = [(start, min(args.batch_size, args.n_samples - start))
+               for start in range(0, args.n_samples, args.batch_size)]
+    bar = tqdm(total=args.steps * len(batches), desc="sampling", unit="step", disable=args.quiet)
 
     def progress(i, n, *_):
         bar.update(1)
 
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+    kept = []  # images for the grid
     try:
-        images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
-                      sampler=args.sampler, seed=seed, height=height, width=width, eta=args.eta,
-                      num_images_per_prompt=args.n_samples, callback=progress, **vq_kwargs)
+        for start, count in batches:
+            images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
+                          sampler=args.sampler, seed=seed + start, height=height, width=width, eta=args.eta,
+                          num_images_per_prompt=count, callback=progress, **vq_kwargs)
+            for im in images:
+                print(save_png_new(im, outdir, im.info["parameters"]), flush=True)
+            if args.n_samples <= GRID_MAX:
+                kept += images
     except ValueError as e:  # a combination only the sampler can judge (e.g. eta with a non-DDIM sampler)
         fail(str(e))
     finally:
         bar.close()
-    outdir = Path(args.outdir)
-    paths = [save_png_new(im, outdir, im.info["parameters"]) for im in images]
-    for path in paths:
-        print(path)
-    if len(images) > 1 and not args.no_grid:
-        grid = make_grid(images)
-        print(save_png_new(grid, outdir, images[0].info["parameters"], stem="grid"))
+    if len(kept) > 1 and not args.no_grid:
+        grid = make_grid(kept)
+        print(save_png_new(grid, outdir, kept[0].info["parameters"], stem="grid"))
     return 0
-

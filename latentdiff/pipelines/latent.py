@@ -7,6 +7,7 @@ guidance, walked by a sampler -> autoencoder decoder.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -64,6 +65,8 @@ class LatentDiffusionPipeline(Pipeline):
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scale = self.default_scale if scale is None else scale
+        if not math.isfinite(scale):
+            raise ValueError(f"scale={scale} must be a finite number")
         if not prompts:
             raise ValueError("no prompt given")
         negatives = broadcast_negative(negative_prompt, len(prompts))

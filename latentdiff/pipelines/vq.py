@@ -22,6 +22,7 @@ The call interface is :class:`latentdiff.pipelines.latent.LatentDiffusionPipelin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,6 +140,8 @@ class VQDiffusionPipeline(Pipeline):
         T = self.schedule.num_timesteps
         steps = T if steps is None else steps
         scale = self.default_scale if scale is None else scale
+        if not math.isfinite(scale):
+            raise ValueError(f"scale={scale} must be a finite number")
         truncation = self.config.truncation_rate if truncation is None else truncation
         height = self.config.image_size if height is None else height
         width = self.config.image_size if width is None else width

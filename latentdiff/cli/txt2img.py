@@ -8,18 +8,24 @@ Examples (from the repository root)::
     latentdiff txt2img "a castle" --ckpt v1-5-pruned-emaonly.safetensors --H 512 --W 512 --device cuda \\
         --precision bf16 --negative-prompt "blurry"
     latentdiff txt2img "a castle" --ckpt path/to/diffusers-folder --outdir outputs/castle
+    latentdiff txt2img "a watercolor castle" --init-image castle.png --strength 0.6   # img2img
 
 Each image is written as a new PNG in ``--outdir`` (existing files are never overwritten) with the generation
 parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images (at most
 GRID_MAX) are made. Images are generated ``--batch-size`` at a time and written as each batch finishes, so any
 ``--n_samples`` runs in bounded memory. Bad input (size, steps, sampler, non-finite numbers, checkpoint, an
 ``--outdir`` that is a file) prints one message and exits with status 2 before anything is written.
+
+With ``--init-image`` (latent-diffusion models only) each image starts from that picture, resized to --H x --W,
+encoded and noised to the step that ``--strength`` selects (as diffusers' img2img: of --steps 25 at strength 0.75,
+the last int(25 * 0.75) = 18 steps run; at strength 1 all of them run, from the picture noised to the first step).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from latentdiff.cli.common import ArgumentParser, fail, resolve_device_dtype
@@ -56,6 +62,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="images generated at once (memory grows with it); each batch is written when done")
     p.add_argument("--H", type=int, default=None, help="image height in pixels; default: the model's size")
     p.add_argument("--W", type=int, default=None, help="image width in pixels; default: the model's size")
+    p.add_argument("--init-image", default=None, metavar="PATH",
+                   help="img2img: start from this image (resized to --H x --W) instead of pure noise")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img denoising strength in (0, 1]: how much of the image is replaced by noise "
+                        "(1 = all); default 0.75; only with --init-image")
     p.add_argument("--outdir", default="outputs/txt2img", help="folder for the PNGs")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -87,6 +98,12 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         fail(f"--outdir {outdir} exists and is not a folder")
+    if args.strength is not None and args.init_image is None:
+        fail("--strength applies only with --init-image")
+    strength = 0.75 if args.strength is None else args.strength
+    if not (math.isfinite(strength) and 0 < strength <= 1):
+        fail(f"--strength must be a number in (0, 1], got {strength}")
+    init_image = _read_init_image(args.init_image) if args.init_image is not None else None
 
     import torch
     from tqdm.auto import tqdm
@@ -108,16 +125,28 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if pipe.config.type != "vq_diffusion":
             fail("--truncation applies to VQ-Diffusion models only")
         vq_kwargs["truncation"] = args.truncation
+    img2img = {}
+    run_steps = args.steps
     try:
         pipe.check_size(height, width)
         if args.steps > pipe.schedule.num_timesteps:
             raise ValueError(f"--steps must be at most {pipe.schedule.num_timesteps}, got {args.steps}")
+        if init_image is not None:
+            if pipe.config.type == "vq_diffusion":
+                raise ValueError("--init-image: img2img needs a latent-diffusion model; this is a VQ-Diffusion model")
+            from latentdiff.pipelines.init_image import start_step
+
+            run_steps = args.steps - start_step(args.steps, strength)
+            img2img = {"init_image": init_image, "strength": strength}
     except ValueError as e:
         fail(str(e))
+    if init_image is not None and init_image.size != (width, height):
+        print(f"note: --init-image {init_image.size[0]}x{init_image.size[1]} resized to {width}x{height}",
+              file=sys.stderr)
 
     batches = [(start, min(args.batch_size, args.n_samples - start))
                for start in range(0, args.n_samples, args.batch_size)]
-    bar = tqdm(total=args.steps * len(batches), desc="sampling", unit="step", disable=args.quiet)
+    bar = tqdm(total=run_steps * len(batches), desc="sampling", unit="step", disable=args.quiet)
 
     def progress(i, n, *_):
         bar.update(1)
@@ -128,7 +157,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         for start, count in batches:
             images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
                           sampler=args.sampler, seed=seed + start, height=height, width=width, eta=args.eta,
-                          num_images_per_prompt=count, callback=progress, **vq_kwargs)
+                          num_images_per_prompt=count, callback=progress, **vq_kwargs, **img2img)
             for im in images:
                 print(save_png_new(im, outdir, im.info["parameters"]), flush=True)
             if args.n_samples <= GRID_MAX:
@@ -141,3 +170,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         grid = make_grid(kept)
         print(save_png_new(grid, outdir, kept[0].info["parameters"], stem="grid"))
     return 0
+
+
+def _read_init_image(path: str):
+    """The --init-image as a fully read RGB PIL image; exits 2 with one message when it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
+        fail(f"--init-image {path}: not a readable image ({e})")

@@ -29,8 +29,8 @@ import torch
 
 from latentdiff.diffusion.gaussian import x0_eps_coefficients
 from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.diffusion.timesteps import SPACINGS, run_sigmas, spaced_timesteps
 
-SPACINGS = ("leading", "trailing", "linspace")
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -46,59 +46,7 @@ class SamplerOptions:
     use_karras_sigmas: bool = False
     callback: Callback | None = None
     model_kwargs: dict | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Timesteps and sigmas
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "leading", steps_offset: int = 0, *,
-                     multistep: bool = False, fractional: bool = False) -> np.ndarray:
-    """Descending sampling timesteps (float64 array of length ``steps``), as diffusers' ``set_timesteps``.
-
-    Spacings follow Table 2 of Lin et al. 2024 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"):
-    ``leading`` = k · (T // n) + steps_offset (Stable Diffusion configs use steps_offset=1), ``trailing`` =
-    round(T - k · T/n) - 1, ``linspace`` = round(linspace(0, T-1, n)). ``multistep`` selects DPM-Solver's variant,
-    which lays n = steps + 1 points and drops the smallest (its last step jumps to σ = 0 instead);
-    ``fractional`` keeps linspace points unrounded (float32), as the Euler schedulers do.
-    """
-    T = num_timesteps
-    n = steps + 1 if multistep else steps
-    if spacing == "linspace":
-        ts = np.linspace(0, T - 1, n)
-        ts = ts.astype(np.float32).astype(np.float64) if fractional else ts.round()
-        ts = ts[::-1][:steps]
-    elif spacing == "leading":
-        ts = (np.arange(n) * (T // n)).astype(np.float64)[::-1][:steps] + steps_offset
-    elif spacing == "trailing":
-        # arange(T, 0, -T/n) can overshoot by one float-rounded point near 0 (e.g. n = 61); keep exactly n.
-        ts = np.round(np.arange(T, 0, -T / steps)[:steps]) - 1
-    else:
-        raise ValueError(f"timestep_spacing={spacing!r} is not one of {list(SPACINGS)}")
-    ts = ts.copy()  # positive strides, for torch.as_tensor
-    if ts[0] > T - 1 or ts[-1] < 0 or (not fractional and np.any(np.diff(ts) >= 0)):
-        raise ValueError(f"steps={steps} with timestep_spacing={spacing!r} and steps_offset={steps_offset} gives "
-                         f"timesteps outside 0..{T - 1} or repeated ({ts[:3].tolist()}...{ts[-3:].tolist()}); "
-                         f"use fewer steps or timestep_spacing='trailing'")
-    return ts
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """σ_i = (σ_max^(1/ρ) + i/(n-1) · (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ, i = 0..n-1 (Eq. 5 of Karras et al. 2022)."""
-    ramp = np.linspace(0, 1, n)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
-def _sigmas(schedule: DiffusionSchedule) -> np.ndarray:
-    """k-diffusion noise levels σ_t = √((1 - ᾱ_t) / ᾱ_t), increasing in t: (T,) float64."""
-    ac = schedule.alphas_cumprod_float64
-    return np.sqrt((1.0 - ac) / ac)
-
-
-def _sigma_to_t(sigma: np.ndarray, all_sigmas: np.ndarray) -> np.ndarray:
-    """Invert σ(t) by linear interpolation in log σ, clamped to [0, T-1]."""
-    return np.interp(np.log(sigma), np.log(all_sigmas), np.arange(all_sigmas.size, dtype=np.float64))
+    start_step: int | None = None  # None: x_T is pure noise; k: x_T is x_{t_k} (img2img), k steps skipped
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,7 +119,7 @@ def ddpm(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOpt
     std = np.sqrt(beta * (1.0 - ac_prev) / (1.0 - ac)).tolist()
     denoise = _Denoiser(model, schedule, x_T, ts, ac, opts.model_kwargs)
     x, n = _start(x_T), len(ts)
-    for i in range(n):
+    for i in range(opts.start_step or 0, n):
         x0 = denoise(i, x)
         x = coef_x0[i] * x0 + coef_xt[i] * x
         if i < n - 1:
@@ -196,7 +144,7 @@ def ddim(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOpt
     sqrt_ac_prev, sigma = np.sqrt(ac_prev).tolist(), sigma.tolist()
     denoise = _Denoiser(model, schedule, x_T, ts, ac, opts.model_kwargs)
     x, n = _start(x_T), len(ts)
-    for i in range(n):
+    for i in range(opts.start_step or 0, n):
         x0, eps = denoise(i, x, want_eps=True)
         x = sqrt_ac_prev[i] * x0 + direction[i] * eps
         if sigma[i] > 0:
@@ -213,32 +161,27 @@ def dpmpp_2m(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sample
     when ``use_karras_sigmas``), alpha_t/sigma_t -> VP α = 1/√(σ²+1), σ_VP = σ α, λ = log(α/σ_VP) = -log σ,
     h -> λ_{i+1} - λ_i, r -> h_{i-1}/h_i, m -> m_i, the x0 predicted at step i.
     1. m_i = predicted x0 at step i;
-    2. first order (first and last step: solver order 1 at the start, ``lower_order_final`` and a final σ of 0):
+    2. first order (first executed step and last step: solver order 1 at the start, as diffusers after
+       ``set_begin_index``, and ``lower_order_final`` with a final σ of 0):
        x_{i+1} = (σ_VP,i+1/σ_VP,i) x_i + α_{i+1} (1 - e^{-h}) m_i;
     3. otherwise the midpoint-style second order: the same with m_i replaced by m_i + (m_i - m_{i-1}) / (2r).
     The final step lands on σ = 0 and returns m_{n-1} exactly. Derivation: docs/diffusion.md.
     """
-    T, n = schedule.num_timesteps, opts.steps
-    all_sigmas = _sigmas(schedule)
-    if opts.use_karras_sigmas:  # spacing is ignored: the timesteps follow the Karras sigmas
-        sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], n)
-        ts = np.round(_sigma_to_t(sigmas, all_sigmas))
-    else:
-        ts = spaced_timesteps(T, n, opts.timestep_spacing, opts.steps_offset, multistep=True)
-        sigmas = all_sigmas[ts.astype(np.int64)]
+    n, k = opts.steps, opts.start_step or 0
+    ts, sigmas = run_sigmas(schedule, "dpmpp_2m", n, opts.timestep_spacing, opts.steps_offset, opts.use_karras_sigmas)
     sigmas_next = np.append(sigmas[1:], 0.0)
     alpha_next = 1.0 / np.sqrt(sigmas_next**2 + 1)
     ratio = sigmas_next * alpha_next * np.sqrt(sigmas**2 + 1) / sigmas  # σ_VP,i+1 / σ_VP,i
     phi = alpha_next * (1.0 - sigmas_next / sigmas)  # α_{i+1} (1 - e^{-h_i}), since e^{-h_i} = σ_{i+1}/σ_i
     # c_prev[i]: weight of m_{i-1}; second order needs r_i = h_{i-1}/h_i, h_i = log(σ_i/σ_{i+1}).
     c_cur, c_prev = phi.copy(), np.zeros(n)
-    for i in range(1, n - 1):
+    for i in range(k + 1, n - 1):  # no m_{i-1} at the first executed step k: first order there
         r = math.log(sigmas[i - 1] / sigmas[i]) / math.log(sigmas[i] / sigmas[i + 1])
         c_cur[i], c_prev[i] = phi[i] * (1 + 0.5 / r), -phi[i] * 0.5 / r
     ratio, c_cur, c_prev = ratio.tolist(), c_cur.tolist(), c_prev.tolist()
     denoise = _Denoiser(model, schedule, x_T, ts, 1.0 / (sigmas**2 + 1), opts.model_kwargs)
     x, m_prev = _start(x_T), None
-    for i in range(n):
+    for i in range(k, n):
         m = denoise(i, x)
         x = ratio[i] * x + c_cur[i] * m
         if c_prev[i] != 0.0:
@@ -256,23 +199,24 @@ def euler_a(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sampler
     Notation (variable -> symbol): x -> x_σ = x_t/√ᾱ_t (variance-exploding state), σ_i -> noise level at step i
     (σ_n = 0), σ_up = √(σ_{i+1}² (σ_i² - σ_{i+1}²) / σ_i²), σ_down = √(σ_{i+1}² - σ_up²).
     0. x = x_T · s with s = √(σ_0² + 1) for ``leading`` spacing, else σ_0 (diffusers' ``init_noise_sigma``);
+       a run from step k > 0 takes x_T = x_{t_k} in the VP scale and s = √(σ_k² + 1), so x_σ = x0 + σ_k ε as
+       diffusers' ``add_noise`` gives;
     1. x0 = D(x_σ / √(σ_i² + 1), t_i);  2. d = (x - x0)/σ_i, x ← x + d (σ_down - σ_i);
     3. x ← x + σ_up z (σ_up = 0 at the last step, which returns x0).
     """
-    T = schedule.num_timesteps
-    fractional = opts.timestep_spacing == "linspace"
-    ts = spaced_timesteps(T, opts.steps, opts.timestep_spacing, opts.steps_offset, fractional=fractional)
-    sigmas = np.interp(ts, np.arange(T, dtype=np.float64), _sigmas(schedule))
+    k = opts.start_step or 0
+    ts, sigmas = run_sigmas(schedule, "euler_a", opts.steps, opts.timestep_spacing, opts.steps_offset)
     sigmas_next = np.append(sigmas[1:], 0.0)
     sigma_up = np.sqrt(sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2)
     sigma_down = np.sqrt(sigmas_next**2 - sigma_up**2)
     dt_over_sigma = ((sigma_down - sigmas) / sigmas).tolist()
     vp_scale = (1.0 / np.sqrt(sigmas_next**2 + 1)).tolist()  # x_σ -> x_t, for the callback
-    init = math.sqrt(sigmas[0] ** 2 + 1) if opts.timestep_spacing == "leading" else float(sigmas[0])
+    noised = opts.start_step is not None  # x_T is x_{t_k} in the VP scale, not pure noise
+    init = math.sqrt(sigmas[k] ** 2 + 1) if opts.timestep_spacing == "leading" or noised else float(sigmas[0])
     denoise = _Denoiser(model, schedule, x_T, ts, 1.0 / (sigmas**2 + 1), opts.model_kwargs,
                         input_scale=1.0 / np.sqrt(sigmas**2 + 1))
     x, n, sigma_up = _start(x_T) * init, len(ts), sigma_up.tolist()
-    for i in range(n):
+    for i in range(k, n):
         x0 = denoise(i, x)
         x = x + (x - x0) * dt_over_sigma[i]
         if sigma_up[i] > 0:
@@ -289,14 +233,51 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, 
 def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str = "ddim", steps: int = 50,
            eta: float = 0.0, generator: torch.Generator | None = None, timestep_spacing: str = "leading",
            use_karras_sigmas: bool = False, callback: Callback | None = None, model_kwargs: dict | None = None,
-           steps_offset: int = 0) -> torch.Tensor:
+           steps_offset: int = 0, start_step: int | None = None) -> torch.Tensor:
     """Run ``sampler`` from x_T ~ N(0, I) (shape (B, C, H, W), drawn by the caller) and return x0.
 
     ``steps``: 1..T model evaluations. ``eta``: DDIM stochasticity (ddim only). ``generator``: every noise draw
     after x_T. ``timestep_spacing``: leading | trailing | linspace, as diffusers; ``steps_offset`` is added to
     leading timesteps (Stable Diffusion configs use 1 with leading; default 0). ``use_karras_sigmas``: Karras
     noise levels (dpmpp_2m only). ``callback(i, steps, x_t, pred_x0)`` runs after each step.
+    ``start_step`` = k in 0..steps-1 (img2img; None: x_T is pure noise) skips the run's first k steps: x_T is then
+    x_{t_k}, the sample at step k's noise level in the VP scale (:func:`noise_to_step` makes it, also for k = 0),
+    and steps - k model evaluations follow, each with the coefficients of the full run (DPM-Solver++ takes a
+    first-order step at k).
     """
+    opts = _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_karras_sigmas, callback,
+                    model_kwargs, steps_offset, start_step)
+    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
+        raise ValueError("x_T must be a floating-point tensor of shape (B, ...)")
+    return SAMPLERS[sampler](model, schedule, x_T, opts)
+
+
+def noise_to_step(x0: torch.Tensor, noise: torch.Tensor, schedule: DiffusionSchedule, sampler: str = "ddim",
+                  steps: int = 50, start_step: int = 0, timestep_spacing: str = "leading", steps_offset: int = 0,
+                  use_karras_sigmas: bool = False) -> torch.Tensor:
+    """x_{t_k}: clean ``x0`` noised with ``noise`` (same shape) to the noise level that ``sampler`` gives step
+    k = ``start_step`` of a ``steps``-step run, the x_T of ``sample(..., start_step=k)`` (img2img).
+
+    q(x_t | x0) of Eq. 4 of DDPM: x_t = √ᾱ_k x0 + √(1 - ᾱ_k) ε, with ᾱ_k = 1/(σ_k² + 1) and σ_k the run's
+    noise level at step k (:func:`latentdiff.diffusion.timesteps.run_sigmas`): ᾱ at t_k for ddpm/ddim, the Karras σ
+    for dpmpp_2m with ``use_karras_sigmas``, the interpolated σ for euler_a. This is diffusers' ``add_noise`` of
+    each scheduler after ``set_begin_index(k)``, in the VP scale (Euler's x0 + σ_k ε, divided by √(σ_k² + 1)).
+    """
+    if start_step is None:
+        raise ValueError("noise_to_step needs start_step, the index of the step to noise to (0..steps-1)")
+    _options(schedule, sampler, steps, 0.0, None, timestep_spacing, use_karras_sigmas, None, None, steps_offset,
+             start_step)
+    if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.shape != noise.shape:
+        raise ValueError(f"x0 and noise must be floating-point tensors of one shape, got {tuple(x0.shape)} and "
+                         f"{tuple(noise.shape)}")
+    sigmas = run_sigmas(schedule, sampler, steps, timestep_spacing, steps_offset, use_karras_sigmas)[1]
+    alpha_bar = 1.0 / (float(sigmas[start_step]) ** 2 + 1.0)
+    return math.sqrt(alpha_bar) * x0 + math.sqrt(1.0 - alpha_bar) * noise
+
+
+def _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_karras_sigmas, callback, model_kwargs,
+             steps_offset, start_step) -> SamplerOptions:
+    """Check the arguments of :func:`sample` (ValueError naming the bad one) and bundle them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
     T = schedule.num_timesteps
@@ -306,16 +287,16 @@ def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str =
         raise ValueError(f"timestep_spacing={timestep_spacing!r} is not one of {list(SPACINGS)}")
     if isinstance(steps_offset, bool) or not isinstance(steps_offset, int) or steps_offset < 0:
         raise ValueError(f"steps_offset={steps_offset!r} must be a non-negative integer")
+    if start_step is not None and (isinstance(start_step, bool) or not isinstance(start_step, int)
+                                   or not 0 <= start_step < steps):
+        raise ValueError(f"start_step={start_step!r} must be an integer in 0..steps-1={steps - 1}")
     if eta < 0 or (eta != 0 and sampler != "ddim"):
         raise ValueError(f"eta={eta!r}: eta must be >= 0 and is only used by sampler='ddim' (got {sampler!r})")
     if use_karras_sigmas and sampler != "dpmpp_2m":
         raise ValueError(f"use_karras_sigmas is only supported by sampler='dpmpp_2m' (got {sampler!r})")
-    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
-        raise ValueError("x_T must be a floating-point tensor of shape (B, ...)")
-    opts = SamplerOptions(steps=steps, eta=eta, generator=generator, timestep_spacing=timestep_spacing,
+    return SamplerOptions(steps=steps, eta=eta, generator=generator, timestep_spacing=timestep_spacing,
                           steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas, callback=callback,
-                          model_kwargs=model_kwargs)
-    return SAMPLERS[sampler](model, schedule, x_T, opts)
+                          model_kwargs=model_kwargs, start_step=start_step)
 
 
 def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]:

@@ -30,6 +30,7 @@ class GenerationParams:
     height: int
     eta: float = 0.0
     model: str = ""
+    denoising_strength: float | None = None  # img2img only
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -41,6 +42,8 @@ class GenerationParams:
             fields.append(f"Eta: {self.eta:g}")
         if self.model:
             fields.append(f"Model: {self.model}")
+        if self.denoising_strength is not None:
+            fields.append(f"Denoising strength: {self.denoising_strength:g}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
 

@@ -3,6 +3,7 @@ guidance, walked by a sampler -> autoencoder decoder.
 
     pipe = LatentDiffusionPipeline.from_config(cfg)           # random weights; load_pipeline(path) for trained ones
     images, params = pipe.generate(["a photo of a cat"], steps=25, scale=5.0, seed=0)   # (N, 3, H, W) in [-1, 1]
+    images = pipe("a watercolor cat", init_image=Image.open("cat.png"), strength=0.75)  # img2img: PIL images
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ from collections.abc import Callable
 import torch
 
 from latentdiff.config import LatentDiffusionConfig
-from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample
+from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, noise_to_step, sample
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.images import GenerationParams
 from latentdiff.models.autoencoder_kl import AutoencoderKL
 from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.unet import UNetModel
 from latentdiff.pipelines.base import Pipeline, broadcast_negative, check_output_type
+from latentdiff.pipelines.init_image import fitted_size, image_to_tensor, start_step
 
 
 class LatentDiffusionPipeline(Pipeline):
@@ -58,10 +60,17 @@ class LatentDiffusionPipeline(Pipeline):
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 25,
                  scale: float | None = None, sampler: str = "ddim", seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
-                 callback: Callable | None = None, output_type: str = "image",
-                 ) -> tuple[torch.Tensor, list[GenerationParams]]:
+                 callback: Callable | None = None, output_type: str = "image", init_image=None,
+                 strength: float = 0.8) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
-        the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images)."""
+        the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
+
+        img2img (SDEdit, Meng et al. 2022, as diffusers' ``StableDiffusionImg2ImgPipeline``): ``init_image`` (a PIL
+        image, resized to height x width, default its own size rounded down to a multiple of ``size_multiple``) is
+        encoded (posterior mode), noised to the step k that ``strength`` in (0, 1] selects (:func:`start_step`),
+        and the run's last steps - k steps denoise it. The noise is image i's x_T (seed + i), so a seed reproduces.
+        At strength 1 the image is noised to the first step, which keeps √ᾱ_{t_0} of it, as diffusers does.
+        """
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scale = self.default_scale if scale is None else scale
@@ -70,13 +79,16 @@ class LatentDiffusionPipeline(Pipeline):
         if not prompts:
             raise ValueError("no prompt given")
         negatives = broadcast_negative(negative_prompt, len(prompts))
-        height = self.config.image_size if height is None else height
-        width = self.config.image_size if width is None else width
+        default_hw = (self.config.image_size,) * 2 if init_image is None else fitted_size(init_image,
+                                                                                          self.size_multiple)
+        height = default_hw[0] if height is None else height
+        width = default_hw[1] if width is None else width
         self.check_size(height, width)
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if not 0 < steps <= self.schedule.num_timesteps:
             raise ValueError(f"steps={steps} must be between 1 and {self.schedule.num_timesteps}")
+        k = None if init_image is None else start_step(steps, strength)  # ValueError for a bad strength
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
         if seed is None:
@@ -95,6 +107,11 @@ class LatentDiffusionPipeline(Pipeline):
         x_T = torch.stack([torch.randn(C, height // f, width // f, generator=torch.Generator().manual_seed(s))
                            for s in seeds]).to(device)  # (N, C, h, w), float32; per-image seeds reproduce alone
         generator = torch.Generator(device).manual_seed(seed)
+        s = self.config.schedule
+        if init_image is not None:  # img2img: x_{t_k} = √ᾱ_k z0 + √(1-ᾱ_k) x_T (Eq. 4 of DDPM), step k's noise level
+            z_init = self.autoencoder.encode(image_to_tensor(init_image, height, width).to(device, dtype)).float()
+            x_T = noise_to_step(z_init.expand_as(x_T), x_T, self.schedule, sampler, steps, k, s.timestep_spacing,
+                                s.steps_offset)  # (N, C, h, w)
 
         unet = self.unet
 
@@ -103,11 +120,11 @@ class LatentDiffusionPipeline(Pipeline):
 
         guided = classifier_free_guidance(model, scale)
         kwargs = {"context": context} if uncond is None else {"context": context, "uncond_context": uncond}
-        s = self.config.schedule
         z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
-                    model_kwargs=kwargs)
-        params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name)
+                    model_kwargs=kwargs, start_step=k)
+        strength = None if init_image is None else float(strength)
+        params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength)
                   for p, n, sd in zip(prompts, negatives, seeds)]
         if output_type == "latent":
             return z0.float(), params

@@ -121,14 +121,17 @@ class VQDiffusionPipeline(Pipeline):
                  steps: int | None = None, scale: float | None = None, sampler: str | None = None,
                  seed: int | None = None, height: int | None = None, width: int | None = None,
                  num_images_per_prompt: int = 1, truncation: float | None = None, eta: float = 0.0,
-                 callback: Callable | None = None, output_type: str = "image",
-                 ) -> tuple[torch.Tensor, list[VQGenerationParams]]:
+                 callback: Callable | None = None, output_type: str = "image", init_image=None,
+                 strength: float = 0.8) -> tuple[torch.Tensor, list[VQGenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
         the sampled code grids (N, h, w) long instead (``self.vqvae.decode_codes`` makes the images).
 
         ``steps``: network calls (default: T, the full chain). ``callback(i, steps, codes)`` after each call,
-        codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0.
+        codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0; so do ``init_image`` (must be
+        None: img2img needs a latent-diffusion model) and ``strength``.
         """
+        if init_image is not None:
+            raise ValueError("img2img needs a latent-diffusion model; this is a VQ-Diffusion model (no init_image)")
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:

@@ -138,6 +138,22 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
                          model_max_length=77)
 
 
+def diffusers_scheduler(sampler: str, karras: bool = False, **config):
+    """The diffusers scheduler that latentdiff's ``sampler`` reproduces, built with scheduler ``config``
+    (``karras``: Karras sigmas, DPM-Solver++ only)."""
+    import diffusers
+
+    if sampler == "ddpm":
+        return diffusers.DDPMScheduler(**config, clip_sample=False, variance_type="fixed_small")
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(**config, clip_sample=False, set_alpha_to_one=True)
+    if sampler == "dpmpp_2m":
+        return diffusers.DPMSolverMultistepScheduler(**config, solver_order=2, algorithm_type="dpmsolver++",
+                                                     solver_type="midpoint", lower_order_final=True,
+                                                     final_sigmas_type="zero", use_karras_sigmas=karras)
+    return diffusers.EulerAncestralDiscreteScheduler(**config)
+
+
 def ddim_scheduler(prediction_type: str = "epsilon", set_alpha_to_one: bool = False):
     """Stable Diffusion's scheduler settings (v1-inference / v2-inference yaml) as a diffusers DDIMScheduler."""
     from diffusers import DDIMScheduler

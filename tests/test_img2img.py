@@ -35,20 +35,6 @@ def sd(tmp_path_factory):
     return unet, vae, text, load_pipeline(file, overrides=H.SD1_OVERRIDES)
 
 
-def diffusers_scheduler(sampler: str):
-    import diffusers
-
-    if sampler == "ddpm":
-        return diffusers.DDPMScheduler(**SD_SCHEDULE, clip_sample=False, variance_type="fixed_small")
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler(**SD_SCHEDULE, clip_sample=False, set_alpha_to_one=True)
-    if sampler == "dpmpp_2m":
-        return diffusers.DPMSolverMultistepScheduler(**SD_SCHEDULE, solver_order=2, algorithm_type="dpmsolver++",
-                                                     solver_type="midpoint", lower_order_final=True,
-                                                     final_sigmas_type="zero")
-    return diffusers.EulerAncestralDiscreteScheduler(**SD_SCHEDULE)
-
-
 # ---------------------------------------------------------------------------------------------- vs diffusers
 
 
@@ -74,7 +60,7 @@ def test_matches_diffusers_img2img_pipeline(sd, sampler, strength, monkeypatch):
     for module in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
         monkeypatch.setattr(module, "randn_tensor", randn_tensor)
     ref = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text, tokenizer=H.clip_tokenizer(), unet=unet,
-                                         scheduler=diffusers_scheduler(sampler), safety_checker=None,
+                                         scheduler=H.diffusers_scheduler(sampler, **SD_SCHEDULE), safety_checker=None,
                                          feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     theirs = ref("a photo of a cat", image=image, strength=strength, num_inference_steps=10, guidance_scale=7.5,

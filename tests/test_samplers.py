@@ -12,6 +12,7 @@ import torch
 from latentdiff.config import ScheduleConfig
 from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, sample, spaced_timesteps
 from latentdiff.diffusion.schedule import DiffusionSchedule
+from tests import sd_helpers as H
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.schedulers import (  # noqa: E402
@@ -68,16 +69,8 @@ def reference(monkeypatch, scheduler, model, x_T, noise_list=(), **step_kwargs):
 
 
 def diffusers_scheduler(sampler, kind, spacing, offset, karras=False):
-    common = dict(SD, prediction_type=kind, timestep_spacing=spacing, steps_offset=offset)
-    if sampler == "ddpm":
-        return diffusers.DDPMScheduler(**common, clip_sample=False, variance_type="fixed_small")
-    if sampler == "ddim":
-        return diffusers.DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=True)
-    if sampler == "dpmpp_2m":
-        return diffusers.DPMSolverMultistepScheduler(**common, solver_order=2, algorithm_type="dpmsolver++",
-                                                     solver_type="midpoint", lower_order_final=True,
-                                                     final_sigmas_type="zero", use_karras_sigmas=karras)
-    return diffusers.EulerAncestralDiscreteScheduler(**common)
+    return H.diffusers_scheduler(sampler, karras, **SD, prediction_type=kind, timestep_spacing=spacing,
+                                 steps_offset=offset)
 
 
 # (sampler, extra kwargs, steps, spacing, steps_offset). DDIM runs only where diffusers' DDIMScheduler steps to

@@ -12,7 +12,8 @@ PACKAGE = ROOT / "latentdiff"
 
 # Bottom to top; a module may import its own layer and the layers below. The longest matching prefix decides.
 LAYERS = [
-    ("latentdiff.version", "latentdiff.atomic", "latentdiff.assets", "latentdiff.devices"),  # no latentdiff imports
+    # no latentdiff imports:
+    ("latentdiff.version", "latentdiff.atomic", "latentdiff.locks", "latentdiff.assets", "latentdiff.devices"),
     ("latentdiff.config",),
     ("latentdiff.diffusion", "latentdiff.models"),
     ("latentdiff.io",),

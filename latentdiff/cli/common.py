@@ -32,6 +32,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(report_error(message, code))
 
 
+def lock_outdir(folder, what: str):
+    """Lock ``folder`` for this command (see :mod:`latentdiff.locks`; ``release()`` it when done); exits 2 naming
+    the holder when another run writes there."""
+    from latentdiff.locks import FolderLockedError, folder_lock
+
+    try:
+        return folder_lock(folder, what)
+    except (FolderLockedError, OSError) as e:
+        fail(str(e))
+
+
 def resolve_device_dtype(device: str = "auto", precision: str = "auto"):
     """``(torch.device, dtype)`` for ``--device``/``--precision`` (see :mod:`latentdiff.devices`); exits 2 on a
     device or precision this machine cannot use."""

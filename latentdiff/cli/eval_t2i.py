@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail, resolve_device_dtype
+from latentdiff.cli.common import ArgumentParser, fail, lock_outdir, resolve_device_dtype
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,7 +136,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.start < 0:
         fail(f"--start must be >= 0, got {args.start}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download CLIP weights from here
+    lock = lock_outdir(args.outdir, "eval-t2i")  # one writer per --outdir
+    try:
+        return _evaluate(args)
+    finally:
+        lock.release()
 
+
+def _evaluate(args) -> int:
     from latentdiff.metrics.t2i import BenchmarkSettings, run_benchmark, write_results
 
     clip = None if args.no_clip else {"model_name": args.clip_model, "pretrained": args.clip_pretrained,

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail
+from latentdiff.cli.common import ArgumentParser, fail, lock_outdir
 from latentdiff.cli.eval_t2i import add_common_arguments, check_common, load_everything
 
 SWEEP_SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "euler_a"]
@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     check_common(args)
     if any(s <= 0 for s in args.steps):
         fail(f"--steps must be positive integers, got {args.steps}")
+    lock = lock_outdir(args.outdir, "sampler-sweep")  # one writer per --outdir
+    try:
+        return _sweep(args)
+    finally:
+        lock.release()
+
+
+def _sweep(args) -> int:
     outdir = Path(args.outdir)
     for sampler in args.samplers:
         for steps in args.steps:

@@ -25,6 +25,7 @@ from latentdiff.data.decode import DecodeError
 from latentdiff.data.manifest import Manifest
 from latentdiff.data.sources import ImageSource, SourceEntry
 from latentdiff.data.writer import ShardWriter, prepare_outdir, remove_stale_shards
+from latentdiff.locks import folder_lock
 
 logger = logging.getLogger("latentdiff.data")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG"}
@@ -54,11 +55,22 @@ def encode_image(data: bytes, image_format: str, verify: bool = True) -> tuple[b
 def pack_source(source: ImageSource, outdir: str | Path, *, prefix: str, samples_per_shard: int = 1000,
                 image_format: str = "jpg", max_samples: int | None = None, shuffle: bool = True, seed: int = 0,
                 verify: bool = True, overwrite: bool = False, command: str = "", progress: bool = True) -> Manifest:
-    """Write ``source`` into shards under ``outdir`` and return the manifest (also saved as manifest.json)."""
+    """Write ``source`` into shards under ``outdir`` and return the manifest (also saved as manifest.json).
+
+    ``outdir`` is locked (:mod:`latentdiff.locks`) while it is written: a second writer raises
+    :class:`~latentdiff.locks.FolderLockedError` before touching it."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format={image_format!r} is not one of {list(IMAGE_FORMATS)}")
     if max_samples is not None and max_samples < 1:
         raise ValueError(f"max_samples={max_samples} must be >= 1")
+    with folder_lock(outdir, "make-shards"):
+        return _pack(source, outdir, prefix, samples_per_shard, image_format, max_samples, shuffle, seed, verify,
+                     overwrite, command, progress)
+
+
+def _pack(source: ImageSource, outdir: str | Path, prefix: str, samples_per_shard: int, image_format: str,
+          max_samples: int | None, shuffle: bool, seed: int, verify: bool, overwrite: bool, command: str,
+          progress: bool) -> Manifest:
     old_shards = prepare_outdir(outdir, overwrite)
     entries: list[SourceEntry] = list(source.entries)
     if shuffle:

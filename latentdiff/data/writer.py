@@ -23,6 +23,7 @@ from pathlib import Path
 
 from latentdiff.atomic import atomic_write
 from latentdiff.data.manifest import MANIFEST_NAME, ShardRecord, load_manifest
+from latentdiff.locks import LOCK_NAME
 
 
 class _HashingFile:
@@ -125,7 +126,7 @@ def prepare_outdir(outdir: str | Path, overwrite: bool) -> list[str]:
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise FileExistsError(f"output {str(outdir)!r} exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()):
+    if outdir.is_dir() and any(p.name != LOCK_NAME for p in outdir.iterdir()):  # a held lock counts as empty
         if not overwrite:
             raise FileExistsError(f"output folder {str(outdir)!r} is not empty; pass --overwrite (overwrite=True) "
                                   "to replace its shards")

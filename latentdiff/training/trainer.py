@@ -35,6 +35,7 @@ from tqdm import tqdm
 from latentdiff.config import config_to_json, save_config, to_dict
 from latentdiff.devices import resolve_precision
 from latentdiff.io.checkpoint import save_model_file
+from latentdiff.locks import FolderLock, FolderLockedError
 from latentdiff.training.distributed import DistContext
 from latentdiff.training.ema import EMA
 from latentdiff.training.feed import BatchFeed
@@ -70,7 +71,9 @@ class Trainer:
     any), ``none`` (fresh; refuses an ``outdir`` that has checkpoints) or a checkpoint path. ``max_steps`` stops
     the run early (the LR schedule still spans ``cfg.steps``); so does ``max_minutes``, a wall-clock budget for
     this process's training loop (checked after every step; rank 0 decides for all ranks), after which the run
-    logs, samples, checkpoints and exports as at its last step."""
+    logs, samples, checkpoints and exports as at its last step. The run holds ``outdir``'s lock
+    (:mod:`latentdiff.locks`) from construction to the end of :meth:`run` (or :meth:`close`): a second trainer on
+    the same folder raises :class:`~latentdiff.locks.FolderLockedError` before writing anything."""
 
     def __init__(self, cfg, outdir: str | Path, dist: DistContext | None = None, resume: str = "auto",
                  max_steps: int | None = None, progress: bool = True, max_minutes: float | None = None):
@@ -83,8 +86,35 @@ class Trainer:
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.stopped_by_time = False
         self.progress = progress and dist.is_main
-        self.amp_dtype = resolve_precision(cfg.precision, self.device)
+        self._lock = self._lock_outdir()  # before anything is written into outdir
+        try:
+            self._setup(cfg, resume)
+        except BaseException:
+            self.close()
+            raise
 
+    def _lock_outdir(self) -> FolderLock | None:
+        """One writer per run folder: rank 0 locks ``outdir`` (held until :meth:`close`, which :meth:`run` calls at
+        its end); a refusal stops every rank."""
+        lock, refused = None, None
+        if self.dist.is_main:
+            try:
+                lock = FolderLock(self.outdir, "training run").acquire()
+            except (FolderLockedError, OSError) as e:  # OSError: outdir is a file, not writable, ...
+                refused = (isinstance(e, FolderLockedError), str(e))
+        refused = self.dist.broadcast_object(refused)
+        if refused is not None:
+            raise (FolderLockedError if refused[0] else ValueError)(refused[1])
+        return lock
+
+    def close(self) -> None:
+        """Give the run folder's lock back (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _setup(self, cfg, resume: str) -> None:
+        dist = self.dist
+        self.amp_dtype = resolve_precision(cfg.precision, self.device)
         seed_everything(cfg.seed)  # identical initial weights on every rank
         self.objective = build_objective(cfg)
         if cfg.init_from:  # a resumed run then overwrites the trained networks with its checkpoint
@@ -261,7 +291,14 @@ class Trainer:
         return {"loss": loss_mean, **terms, **{f"grad_norm_{k}": v for k, v in grad_norms.items()}}
 
     def run(self) -> dict:
-        """Train until ``stop_step``; returns the last logged record."""
+        """Train until ``stop_step`` and export; returns the last logged record. Gives the folder's lock back at
+        the end, also on an error."""
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         cfg, dist = self.cfg, self.dist
         if dist.is_main:
             self.outdir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """``latentdiff <command> [args]``: dispatch to a subcommand; ``latentdiff`` alone lists them.
 
     latentdiff txt2img "a photo of a cat"
-    latentdiff fid samples/ ../shared/data/cifar10/cifar10-test.tar.gz
+    latentdiff fid samples/ PATH/TO/cifar10-test.tar.gz
     latentdiff train --config configs/cifar10_ldm.yaml --outdir runs/cifar10_ldm
 
 Only the chosen subcommand's module is imported, so ``latentdiff --help`` answers without loading torch.

@@ -2,8 +2,8 @@
 
 Examples (from the repository root)::
 
-    latentdiff make-shards ../shared/data/cifar10/cifar10-train.tar.gz data/cifar10-train-shards
-    latentdiff make-shards ../shared/data/cifar10/cifar10-test.tar.gz data/cifar10-test-shards
+    latentdiff make-shards PATH/TO/cifar10-train.tar.gz data/cifar10-train-shards
+    latentdiff make-shards PATH/TO/cifar10-test.tar.gz data/cifar10-test-shards
     latentdiff make-shards photos/ data/photos --samples-per-shard 5000 --image-format png
     latentdiff make-shards imagenet/train data/in1k --class-map classes.json \\
         --caption-template "a photo of a {}" --caption-template "a picture of a {}"

@@ -7,7 +7,7 @@ last ``keep_checkpoints``) and, at the end, ``model.safetensors`` (EMA weights w
 
 Examples (CIFAR-10 recipe: first the autoencoder, then the latent diffusion model on its latents):
 
-    latentdiff make-shards ../shared/data/cifar10/cifar10-train.tar.gz data/cifar10-train-shards
+    latentdiff make-shards PATH/TO/cifar10-train.tar.gz data/cifar10-train-shards
     latentdiff train --config configs/cifar10_autoencoder.yaml --outdir runs/cifar10_autoencoder
     latentdiff train --config configs/cifar10_ldm.yaml --outdir runs/cifar10_ldm \\
         --set objective.autoencoder_checkpoint=runs/cifar10_autoencoder/model.safetensors   # (the default)

@@ -89,3 +89,35 @@ def test_unreadable_config_is_a_value_error(tmp_path):
         load_config(tmp_path / "latin1.yaml")
     (tmp_path / "empty.yaml").write_text("")
     assert load_config(tmp_path / "empty.yaml") == LatentDiffusionConfig()  # an empty file is all defaults
+
+
+def test_default_sampler_and_steps_are_validated():
+    from latentdiff.config.model import SAMPLER_NAMES
+    from latentdiff.diffusion.samplers import SAMPLERS
+
+    assert set(SAMPLER_NAMES) == set(SAMPLERS)  # config keeps its own copy of the names (no import upward)
+    cfg = tiny_ldm_config(sampler="euler_a", steps=10)
+    assert (cfg.sampler, cfg.steps) == ("euler_a", 10) and config_from_json(config_to_json(cfg)) == cfg
+    with pytest.raises(ValueError, match="sampler='plms' is not one of"):
+        tiny_ldm_config(sampler="plms")
+    with pytest.raises(ValueError, match="steps=101 must be between 1 and schedule.num_timesteps=100"):
+        tiny_ldm_config(steps=101)
+    with pytest.raises(ValueError, match="steps=0"):
+        tiny_ldm_config(steps=0)
+
+
+def test_stored_config_without_sampler_and_steps_gets_the_defaults(tiny_ldm_file, tmp_path):
+    """Model files written before the config had sampler and steps load with DDIM in 25 steps."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from latentdiff.io.checkpoint import load_model_file, read_safetensors
+
+    tensors, metadata = read_safetensors(tiny_ldm_file)
+    stored = json.loads(metadata["config"])
+    del stored["sampler"], stored["steps"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "config": json.dumps(stored)})
+    cfg = load_model_file(old)[0]
+    assert (cfg.sampler, cfg.steps) == ("ddim", 25)

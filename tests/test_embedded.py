@@ -32,3 +32,12 @@ def test_vq_default_keeps_every_class_caption_token():
     tokenize = latentdiff.load_pipeline("default-vq").text_encoder.tokenize
     for caption in class_prompts(CIFAR10_CLASSES, 10).captions + [""]:
         assert set(tokenize(caption)[0].tolist()) <= kept, caption
+
+
+def test_default_model_samples_with_its_sweep_winner():
+    """The embedded model's config names the sampler and steps its sampler sweep found best (BENCHMARKS.md)."""
+    pipe = latentdiff.load_pipeline("default")
+    assert (pipe.config.sampler, pipe.config.steps) == ("euler_a", 10)
+    assert (pipe.default_sampler, pipe.default_steps) == ("euler_a", 10)
+    _, meta = read_safetensors(EMBEDDED_MODELS["default"])
+    assert "compact_rows" in meta and meta["name"] == "latentdiff-cifar10-v1.3"

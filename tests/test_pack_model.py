@@ -44,6 +44,15 @@ def test_vocabulary_pack_keeps_outputs_for_known_prompts(src, tmp_path):
     other = [i for i in range(emb.shape[0]) if i not in kept][:100]
     assert torch.equal(emb[other], emb[other[0]].expand(len(other), -1))  # one shared row for unseen tokens
 
+    # packing a packed file again (a config change only) keeps its compact rows and every tensor bit for bit
+    again = tmp_path / "again.safetensors"
+    assert pack_model.main([str(dst), str(again), "--set", "sampler=euler_a", "--set", "steps=10"]) == 0
+    tensors2, meta2 = read_safetensors(again)
+    assert tensors2.keys() == tensors.keys() and all(torch.equal(tensors[k], tensors2[k]) for k in tensors)
+    assert {k: v for k, v in meta2.items() if k != "config"} == {k: v for k, v in meta.items() if k != "config"}
+    c = latentdiff.load_pipeline(again)
+    assert (c.name, c.default_sampler, c.default_steps, c.default_scale) == ("packed", "euler_a", 10, 4.5)
+
 
 def test_half_and_vocabulary_from_shards(src, tmp_path, tiny_shards):
     shards = tiny_shards(12)

@@ -111,3 +111,39 @@ def test_wrong_shaped_weights_are_reported(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         latentdiff.load_pipeline(tmp_path / "nope.safetensors")
+
+
+def test_model_default_sampler_and_steps(pipe):
+    """generate() without steps and sampler uses the config's (here Euler ancestral in 3 steps); given, they win."""
+    cfg = tiny_ldm_config(sampler="euler_a", steps=3)
+    own = LatentDiffusionPipeline(cfg, pipe.unet, pipe.autoencoder, pipe.text_encoder, name="tiny")
+    assert (own.default_sampler, own.default_steps) == ("euler_a", 3)
+    calls = []
+    images, params = own.generate("a cat", seed=2, callback=lambda i, *_: calls.append(i))
+    assert len(calls) == 3 and (params[0].sampler, params[0].steps) == ("euler_a", 3)
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 3" in params[0].to_text()
+    assert torch.equal(images, pipe.generate("a cat", seed=2, sampler="euler_a", steps=3)[0])
+    _, params = own.generate("a cat", seed=2, sampler="ddim", steps=2)
+    assert (params[0].sampler, params[0].steps) == ("ddim", 2)
+    assert (pipe.default_sampler, pipe.default_steps) == ("ddim", 25)  # a config without them: DDIM, 25 steps
+
+
+@pytest.mark.parametrize("sampler, label", [("ddim", "DDIM"), ("ddpm", "DDPM"), ("dpmpp_2m", "DPM++ 2M"),
+                                            ("euler_a", "Euler a")])
+def test_parameters_name_samplers_as_automatic1111(sampler, label):
+    from latentdiff.io.images import GenerationParams, sampler_id
+
+    text = GenerationParams("a cat", "", 20, sampler, 7.5, 42, 512, 768).to_text()
+    assert text.splitlines()[1] == f"Steps: 20, Sampler: {label}, CFG scale: 7.5, Seed: 42, Size: 512x768"
+    assert parse_parameters(text)["Sampler"] == sampler  # back to our id
+    assert sampler_id(label) == sampler_id(sampler) == sampler
+    old = text.replace(f"Sampler: {label}", f"Sampler: {sampler}")  # files written before used our ids
+    assert parse_parameters(old)["Sampler"] == sampler
+
+
+def test_unknown_sampler_names_pass_through():
+    from latentdiff.io.images import sampler_id
+
+    assert sampler_id("DPM++ 2M Karras") == "dpmpp_2m"
+    assert sampler_id("Euler") == "Euler" and sampler_id("VQ-Diffusion") == "VQ-Diffusion"
+    assert parse_parameters("a car\nSteps: 20, Sampler: UniPC")["Sampler"] == "UniPC"

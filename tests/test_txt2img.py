@@ -28,6 +28,7 @@ def test_writes_pngs_and_a_grid_with_parameters(ckpt, tmp_path, capsys):
     assert params["prompt"] == "a photo of a cat" and params["negative_prompt"] == "blurry"
     assert params["Steps"] == "3" and params["Seed"] == "6" and params["Size"] == "16x16"
     assert params["Sampler"] == "ddim" and params["CFG scale"] == "3"
+    assert "Steps: 3, Sampler: DDIM, CFG scale: 3, Seed: 6, Size: 16x16" in images[1].info["parameters"]
     assert parse_parameters(images[0].info["parameters"])["Seed"] == "5"
 
 
@@ -109,3 +110,24 @@ def test_batches_give_the_images_of_one_call(ckpt, tmp_path):
     assert txt2img.main(["cat", "--ckpt", str(ckpt), "--steps", "1", "--n_samples", str(many), "--batch-size", "32",
                          "--outdir", str(tmp_path / "many"), "--quiet"]) == 0
     assert len(list((tmp_path / "many").glob("*.png"))) == many  # every image, no grid
+
+
+def test_steps_and_sampler_default_to_the_models_own(ckpt, tmp_path, capsys):
+    """Without --steps/--sampler the model file's config decides (here Euler ancestral, 3 steps); flags win."""
+    _, parts, _ = load_model_file(ckpt)
+    own = save_model_file(tmp_path / "own.safetensors", tiny_ldm_config(sampler="euler_a", steps=3), parts)
+    common = ["a cat", "--ckpt", str(own), "--seed", "1", "--quiet"]
+    assert txt2img.main([*common, "--outdir", str(tmp_path / "a")]) == 0
+    assert txt2img.main([*common, "--outdir", str(tmp_path / "b"), "--steps", "2", "--sampler", "ddpm"]) == 0
+    assert txt2img.main([*common, "--outdir", str(tmp_path / "c"), "--init-image", str(tmp_path / "a" / "00000.png"),
+                         "--strength", "0.7"]) == 0
+    fields = []
+    for name in "abc":
+        with Image.open(tmp_path / name / "00000.png") as im:
+            params = parse_parameters(im.info["parameters"])
+        fields.append((params["Steps"], params["Sampler"]))
+    assert fields == [("3", "euler_a"), ("2", "ddpm"), ("3", "euler_a")]
+    with pytest.raises(SystemExit) as e:
+        txt2img.main([*common, "--outdir", str(tmp_path / "d"), "--steps", "500"])
+    assert e.value.code == 2
+    assert "--steps must be at most 100, got 500" in capsys.readouterr().err

@@ -17,11 +17,11 @@ brace pattern, whose ``.txt`` members are read), plus those of the empty caption
 shared row, the mean of the replaced ones. A text encoder trained from scratch on such captions never updates the
 other rows (they stay near their random start), and for a 49,408-token CLIP vocabulary they are most of a small
 model's file: 12.6 MB of the 41 MB unpacked VQ-Diffusion default (29 MB packed). Prompts made of kept tokens give
-exactly the unpacked model's outputs. ``--decoder FILE`` replaces the autoencoder's decoder (``decoder``,
-``post_quant_conv``) by that of FILE, an export of ``latentdiff train`` with ``objective.train_decoder_only=true``
-started from SRC (``init_from``); FILE's encoder side must equal SRC's, since the diffusion model knows only those
-latents. The output is written atomically; an existing one is replaced only with --overwrite. Bad input prints one
-message and exits with status 2.
+exactly the unpacked model's outputs; a SRC packed so keeps its rows unless ``--vocabulary`` is given again.
+``--decoder FILE`` replaces the autoencoder's decoder (``decoder``, ``post_quant_conv``) by that of FILE, an export
+of ``latentdiff train`` with ``objective.train_decoder_only=true`` started from SRC (``init_from``); FILE's encoder
+side must equal SRC's, since the diffusion model knows only those latents. The output is written atomically; an
+existing one is replaced only with --overwrite. Bad input prints one message and exits with status 2.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def read_captions(source: str) -> list[str]:
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
     from latentdiff.config import apply_overrides, model_config_from_dict, to_dict
-    from latentdiff.io.checkpoint import CheckpointError, is_model_file, load_model_file, save_model_file
+    from latentdiff.io.checkpoint import CheckpointError, is_model_file, kept_row_ids, load_model_file, save_model_file
     from latentdiff.io.export import half
     from latentdiff.io.pack import swap_decoder, vocabulary_ids
 
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         keep_rows = {key: ids for key in keys}
         print(f"vocabulary: {len(captions)} captions, {len(set(captions))} distinct, {len(ids)} tokens kept of "
               f"{cfg.text_encoder.vocab_size}")
+    else:  # a file packed with --vocabulary before keeps its rows
+        keep_rows = kept_row_ids(src) or None
     if args.name:
         metadata = {**metadata, "name": args.name}
     extra = {k: v for k, v in metadata.items() if k not in ("format", "format_version", "config")}

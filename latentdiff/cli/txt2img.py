@@ -43,12 +43,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="'default' or 'default-vq' (the embedded latent-diffusion and VQ-Diffusion models), a "
                         "latentdiff .safetensors, a Stable Diffusion single file (.safetensors/.ckpt) or a diffusers "
                         "folder; default: the embedded default model")
-    p.add_argument("--steps", type=int, default=25, help="number of sampling steps")
+    p.add_argument("--steps", type=int, default=None,
+                   help="number of sampling steps; default: the model's own (its config's steps: 10 for the "
+                        "embedded model, 25 for Stable Diffusion; VQ-Diffusion: its whole chain)")
     p.add_argument("--scale", type=float, default=None,
                    help="classifier-free guidance scale (1 = no guidance); default: the model's own "
                         "(its config's guidance_scale: 7.5 for SD 1.x and 2.x base, 9 for SD 2.x 768-v)")
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS),
-                   help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it); default: the "
+                        "model's own (its config's sampler: euler_a for the embedded model, ddim for Stable "
+                        "Diffusion)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--truncation", type=float, default=None,
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     prompt = " ".join(args.prompt).strip()
     if not prompt:
         fail("the prompt is empty")
-    if args.steps <= 0:
+    if args.steps is not None and args.steps <= 0:
         fail(f"--steps must be a positive integer, got {args.steps}")
     if args.n_samples <= 0:
         fail(f"--n_samples must be a positive integer, got {args.n_samples}")
@@ -126,17 +130,18 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             fail("--truncation applies to VQ-Diffusion models only")
         vq_kwargs["truncation"] = args.truncation
     img2img = {}
-    run_steps = args.steps
+    steps = args.steps if args.steps is not None else pipe.default_steps
+    run_steps = steps
     try:
         pipe.check_size(height, width)
-        if args.steps > pipe.schedule.num_timesteps:
-            raise ValueError(f"--steps must be at most {pipe.schedule.num_timesteps}, got {args.steps}")
+        if steps > pipe.schedule.num_timesteps:
+            raise ValueError(f"--steps must be at most {pipe.schedule.num_timesteps}, got {steps}")
         if init_image is not None:
             if pipe.config.type == "vq_diffusion":
                 raise ValueError("--init-image: img2img needs a latent-diffusion model; this is a VQ-Diffusion model")
             from latentdiff.pipelines.init_image import start_step
 
-            run_steps = args.steps - start_step(args.steps, strength)
+            run_steps = steps - start_step(steps, strength)
             img2img = {"init_image": init_image, "strength": strength}
     except ValueError as e:
         fail(str(e))
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     kept = []  # images for the grid
     try:
         for start, count in batches:
-            images = pipe(prompt, negative_prompt=args.negative_prompt, steps=args.steps, scale=scale,
+            images = pipe(prompt, negative_prompt=args.negative_prompt, steps=steps, scale=scale,
                           sampler=args.sampler, seed=seed + start, height=height, width=width, eta=args.eta,
                           num_images_per_prompt=count, callback=progress, **vq_kwargs, **img2img)
             for im in images:

@@ -13,6 +13,9 @@ from latentdiff.config.coerce import from_dict
 
 # -- continuous (latent diffusion, Stable Diffusion family) ---------------------------------------------------------
 
+# The names of diffusion.samplers.SAMPLERS (config imports nothing above it; tests/test_config.py checks they agree).
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler_a")
+
 
 @dataclass
 class ScheduleConfig:
@@ -167,6 +170,8 @@ class LatentDiffusionConfig:
     type: str = "latent_diffusion"
     image_size: int = 512  # default sampling size in pixels
     guidance_scale: float = 7.5  # default classifier-free guidance scale for sampling
+    sampler: str = "ddim"  # default sampler (a name of diffusion.samplers.SAMPLERS)
+    steps: int = 25  # default number of sampling steps
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -174,6 +179,9 @@ class LatentDiffusionConfig:
 
     def __post_init__(self):
         check(self.type == "latent_diffusion", f"type={self.type!r} must be 'latent_diffusion'")
+        check_choice("sampler", self.sampler, SAMPLER_NAMES)
+        check(1 <= self.steps <= self.schedule.num_timesteps,
+               f"steps={self.steps!r} must be between 1 and schedule.num_timesteps={self.schedule.num_timesteps}")
         check(self.unet.in_channels == self.autoencoder.embed_dim,
                f"unet.in_channels={self.unet.in_channels} must equal "
                f"autoencoder.embed_dim={self.autoencoder.embed_dim}")

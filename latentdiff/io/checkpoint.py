@@ -154,7 +154,8 @@ def compact_rows(full: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
         raise ValueError(f"row ids must lie in [0, {full.shape[0]}), got {int(ids[0])}..{int(ids[-1])}")
     dropped = torch.ones(full.shape[0], dtype=torch.bool)
     dropped[ids] = False
-    shared = full[dropped].float().mean(0) if dropped.any() else torch.zeros(full.shape[1])
+    # float64: the mean of a repeated row is that row exactly, so re-packing a packed tensor changes nothing
+    shared = full[dropped].double().mean(0) if dropped.any() else torch.zeros(full.shape[1])
     return torch.cat([full[ids], shared.to(full.dtype)[None]]), ids
 
 
@@ -234,6 +235,13 @@ def load_model_file(path: str | Path):
         component, _, name = key.partition(".")
         parts.setdefault(component, {})[name] = value
     return cfg, parts, metadata
+
+
+def kept_row_ids(path: str | Path) -> dict[str, torch.Tensor]:
+    """The ``keep_rows`` of a model file stored with compact rows (``{}`` for one without), to write it again so."""
+    with safe_open(str(path), framework="pt") as f:
+        shapes = json.loads((f.metadata() or {}).get("compact_rows", "{}"))
+        return {key: f.get_tensor(key + KEPT_IDS) for key in shapes}
 
 
 def _expand_compact(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path) -> None:

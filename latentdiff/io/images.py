@@ -15,10 +15,26 @@ from PIL import Image, PngImagePlugin
 
 from latentdiff.atomic import atomic_write
 
+# Our sampler ids (diffusion.samplers.SAMPLERS) -> the names AUTOMATIC1111 writes in its ``parameters`` text.
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler_a": "Euler a"}
+_LABEL_IDS = {label: sampler for sampler, label in SAMPLER_LABELS.items()} | {"DPM++ 2M Karras": "dpmpp_2m"}
+
+
+def sampler_label(sampler: str) -> str:
+    """The AUTOMATIC1111 name of one of our sampler ids ("euler_a" -> "Euler a"); other names are kept as they are."""
+    return SAMPLER_LABELS.get(sampler, sampler)
+
+
+def sampler_id(name: str) -> str:
+    """Our sampler id for an AUTOMATIC1111 name or for an id ("Euler a" and "euler_a" -> "euler_a"); a name neither
+    knows (another program's sampler, "VQ-Diffusion") is kept as it is."""
+    return _LABEL_IDS.get(name, name)
+
 
 @dataclass
 class GenerationParams:
-    """What produced an image; ``to_text`` writes the AUTOMATIC1111 ``parameters`` format."""
+    """What produced an image; ``to_text`` writes the AUTOMATIC1111 ``parameters`` format (``sampler`` holds our
+    sampler id, written as AUTOMATIC1111 names it: ``Sampler: Euler a`` for ``euler_a``)."""
 
     prompt: str
     negative_prompt: str
@@ -36,7 +52,7 @@ class GenerationParams:
         lines = [self.prompt]
         if self.negative_prompt:
             lines.append(f"Negative prompt: {self.negative_prompt}")
-        fields = [f"Steps: {self.steps}", f"Sampler: {self.sampler}", f"CFG scale: {self.scale:g}",
+        fields = [f"Steps: {self.steps}", f"Sampler: {sampler_label(self.sampler)}", f"CFG scale: {self.scale:g}",
                   f"Seed: {self.seed}", f"Size: {self.width}x{self.height}"]
         if self.eta:
             fields.append(f"Eta: {self.eta:g}")
@@ -49,7 +65,8 @@ class GenerationParams:
 
 
 def parse_parameters(text: str) -> dict[str, str]:
-    """Parse an AUTOMATIC1111 ``parameters`` chunk back into a dict (prompt, negative prompt, fields)."""
+    """Parse an AUTOMATIC1111 ``parameters`` chunk back into a dict (prompt, negative prompt, fields); the
+    ``Sampler`` field becomes our sampler id when it names one of ours (:func:`sampler_id`)."""
     lines = text.strip().split("\n")
     out = {"prompt": lines[0], "negative_prompt": ""}
     for line in lines[1:]:
@@ -60,6 +77,8 @@ def parse_parameters(text: str) -> dict[str, str]:
                 key, sep, value = item.partition(": ")
                 if sep:
                     out[key] = value
+    if "Sampler" in out:
+        out["Sampler"] = sampler_id(out["Sampler"])
     return out
 
 

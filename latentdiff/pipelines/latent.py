@@ -3,6 +3,7 @@ guidance, walked by a sampler -> autoencoder decoder.
 
     pipe = LatentDiffusionPipeline.from_config(cfg)           # random weights; load_pipeline(path) for trained ones
     images, params = pipe.generate(["a photo of a cat"], steps=25, scale=5.0, seed=0)   # (N, 3, H, W) in [-1, 1]
+    images, params = pipe.generate("a ship")   # the model's own sampler, steps and scale (its config's)
     images = pipe("a watercolor cat", init_image=Image.open("cat.png"), strength=0.75)  # img2img: PIL images
 """
 
@@ -48,6 +49,14 @@ class LatentDiffusionPipeline(Pipeline):
     def size_multiple(self) -> int:
         return self.config.autoencoder.downsample_factor * self.config.unet.downsample_factor
 
+    @property
+    def default_sampler(self) -> str:
+        return self.config.sampler
+
+    @property
+    def default_steps(self) -> int:
+        return self.config.steps
+
     # -- generation --------------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> None:
         m = self.size_multiple
@@ -57,13 +66,16 @@ class LatentDiffusionPipeline(Pipeline):
                                  f"(autoencoder x U-Net downsampling of this model)")
 
     @torch.inference_mode()
-    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None, steps: int = 25,
-                 scale: float | None = None, sampler: str = "ddim", seed: int | None = None, height: int | None = None,
+    def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
+                 steps: int | None = None, scale: float | None = None, sampler: str | None = None,
+                 seed: int | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
                  strength: float = 0.8) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
         the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
+        ``steps``, ``sampler`` and ``scale`` left ``None`` are the model's own (its config's ``steps``, ``sampler``
+        and ``guidance_scale``: :attr:`default_steps`, :attr:`default_sampler`, :attr:`default_scale`).
 
         img2img (SDEdit, Meng et al. 2022, as diffusers' ``StableDiffusionImg2ImgPipeline``): ``init_image`` (a PIL
         image, resized to height x width, default its own size rounded down to a multiple of ``size_multiple``) is
@@ -74,6 +86,8 @@ class LatentDiffusionPipeline(Pipeline):
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scale = self.default_scale if scale is None else scale
+        steps = self.default_steps if steps is None else steps
+        sampler = self.default_sampler if sampler is None else sampler
         if not math.isfinite(scale):
             raise ValueError(f"scale={scale} must be a finite number")
         if not prompts:

@@ -93,6 +93,16 @@ class VQDiffusionPipeline(Pipeline):
     def size_multiple(self) -> int:
         return self.config.vqvae.downsample_factor
 
+    @property
+    def default_sampler(self) -> str:
+        """The one sampler, the reverse chain, by the name ``generate`` accepts."""
+        return "vq"
+
+    @property
+    def default_steps(self) -> int:
+        """All T steps of the chain."""
+        return self.schedule.num_timesteps
+
     # -- generation --------------------------------------------------------------------------------------------
     def check_size(self, height: int, width: int) -> None:
         f, size = self.size_multiple, self.config.image_size

@@ -33,8 +33,8 @@ def fail(message: str, code: int = 2) -> NoReturn:
 
 
 def lock_outdir(folder, what: str):
-    """Lock ``folder`` for this command (see :mod:`latentdiff.locks`; ``release()`` it when done); exits 2 naming
-    the holder when another run writes there."""
+    """Lock ``folder`` for this command (see :mod:`latentdiff.locks`; a context manager that releases it); exits 2
+    naming the holder when another run writes there."""
     from latentdiff.locks import FolderLockedError, folder_lock
 
     try:

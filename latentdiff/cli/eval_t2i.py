@@ -136,11 +136,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.start < 0:
         fail(f"--start must be >= 0, got {args.start}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download CLIP weights from here
-    lock = lock_outdir(args.outdir, "eval-t2i")  # one writer per --outdir
-    try:
+    with lock_outdir(args.outdir, "eval-t2i"):  # one writer per --outdir
         return _evaluate(args)
-    finally:
-        lock.release()
 
 
 def _evaluate(args) -> int:

@@ -40,11 +40,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     check_common(args)
     if any(s <= 0 for s in args.steps):
         fail(f"--steps must be positive integers, got {args.steps}")
-    lock = lock_outdir(args.outdir, "sampler-sweep")  # one writer per --outdir
-    try:
+    with lock_outdir(args.outdir, "sampler-sweep"):  # one writer per --outdir
         return _sweep(args)
-    finally:
-        lock.release()
 
 
 def _sweep(args) -> int:

@@ -1,6 +1,8 @@
 """latentdiff txt2img in-process on the session's tiny checkpoint (tests/conftest.py): PNGs with their parameters,
 no overwriting, clear exits on bad input. The console script and tools/txt2img.py run as programs in test_cli.py."""
 
+import io
+
 import pytest
 from PIL import Image
 
@@ -131,3 +133,149 @@ def test_steps_and_sampler_default_to_the_models_own(ckpt, tmp_path, capsys):
         txt2img.main([*common, "--outdir", str(tmp_path / "d"), "--steps", "500"])
     assert e.value.code == 2
     assert "--steps must be at most 100, got 500" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ --from-png / --from-file
+
+
+def _random_image(seed, size=16):
+    import numpy as np
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _pixels(path):
+    with Image.open(path) as im:
+        return im.convert("RGB").tobytes()
+
+
+def _params(path):
+    with Image.open(path) as im:
+        return im.info["parameters"]
+
+
+@pytest.mark.parametrize("extra", [[], ["--sampler", "dpmpp_2m", "--scale", "2.5"]])
+def test_from_png_regenerates_the_image_bit_for_bit(ckpt, tmp_path, capsys, extra):
+    first = tmp_path / "first"
+    assert txt2img.main(["a photo of a cat", "--ckpt", str(ckpt), "--steps", "3", "--seed", "5", "--n_samples", "2",
+                         "--negative-prompt", "blurry", "--outdir", str(first), "--quiet", *extra]) == 0
+    capsys.readouterr()
+    source = first / "00001.png"  # the second image: seed 6
+    again = tmp_path / "again"
+    assert txt2img.main(["--from-png", str(source), "--ckpt", str(ckpt), "--outdir", str(again), "--quiet"]) == 0
+    assert "warning" not in capsys.readouterr().err  # the same model
+    assert sorted(p.name for p in again.iterdir()) == ["00000.png"]
+    assert _params(again / "00000.png") == _params(source) and "Seed: 6," in _params(source)
+    assert _pixels(again / "00000.png") == _pixels(source)
+    # an explicit flag overrides the PNG's value and only that one
+    other = tmp_path / "other"
+    assert txt2img.main(["--from-png", str(source), "--seed", "9", "--ckpt", str(ckpt), "--outdir", str(other),
+                         "--quiet"]) == 0
+    assert _params(other / "00000.png") == _params(source).replace("Seed: 6,", "Seed: 9,")
+    assert _pixels(other / "00000.png") != _pixels(source)
+    # a positional prompt replaces the PNG's prompt
+    assert txt2img.main(["a photo of a ship", "--from-png", str(source), "--ckpt", str(ckpt), "--outdir",
+                         str(other), "--quiet"]) == 0
+    assert parse_parameters(_params(other / "00001.png"))["prompt"] == "a photo of a ship"
+
+
+def test_from_png_round_trips_img2img(ckpt, tmp_path, capsys):
+    src = tmp_path / "in.png"
+    _random_image(3, size=16).save(src)
+    first = tmp_path / "first"
+    assert txt2img.main(["a cat", "--ckpt", str(ckpt), "--init-image", str(src), "--strength", "0.6", "--steps", "5",
+                         "--sampler", "ddim", "--eta", "0.5", "--seed", "2", "--outdir", str(first), "--quiet"]) == 0
+    source = first / "00000.png"
+    assert "Denoising strength: 0.6" in _params(source) and "Eta: 0.5" in _params(source)
+    again = tmp_path / "again"
+    with pytest.raises(SystemExit) as e:  # the init image is not in the PNG
+        txt2img.main(["--from-png", str(source), "--ckpt", str(ckpt), "--outdir", str(again), "--quiet"])
+    assert e.value.code == 2 and "give it with --init-image" in capsys.readouterr().err and not again.exists()
+    assert txt2img.main(["--from-png", str(source), "--init-image", str(src), "--ckpt", str(ckpt), "--outdir",
+                         str(again), "--quiet"]) == 0
+    assert _params(again / "00000.png") == _params(source) and _pixels(again / "00000.png") == _pixels(source)
+
+
+def test_from_png_warns_about_another_model(ckpt, tmp_path, capsys):
+    from latentdiff.io.images import png_bytes
+
+    first = tmp_path / "first"
+    assert txt2img.main(["a cat", "--ckpt", str(ckpt), "--steps", "2", "--seed", "1", "--sampler", "euler_a",
+                         "--outdir", str(first), "--quiet"]) == 0
+    text = _params(first / "00000.png")
+    assert "Model: " in text
+    with Image.open(first / "00000.png") as im:
+        (tmp_path / "renamed.png").write_bytes(png_bytes(im, text.replace("Model: ", "Model: other-")))
+    assert txt2img.main(["--from-png", str(tmp_path / "renamed.png"), "--ckpt", str(ckpt), "--outdir",
+                         str(tmp_path / "out"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "other-" in err
+    assert _pixels(tmp_path / "out" / "00000.png") == _pixels(first / "00000.png")
+
+
+def test_from_png_bad_input_exits_2(ckpt, tmp_path, capsys):
+    from latentdiff.io.images import png_bytes
+    plain = tmp_path / "plain.png"
+    _random_image(1, size=16).save(plain)
+    (tmp_path / "noseed.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 3, Sampler: DDIM"))
+    (tmp_path / "other.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 3, Sampler: LMS, Seed: 1"))
+    (tmp_path / "text.png").write_text("not an image")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    cases = [(["--from-png", str(plain)], "has no 'parameters' text chunk"),
+             (["--from-png", str(tmp_path / "noseed.png")], "lacks Seed"),
+             (["--from-png", str(tmp_path / "text.png")], "not a readable image"),
+             (["--from-png", str(tmp_path / "missing.png")], "not a readable image"),
+             (["--from-png", str(tmp_path / "other.png")], "sampler 'LMS' is not one of ours"),
+             (["--from-png", str(plain), "--from-file", str(prompts)], "cannot be combined"),
+             ([], "the prompt is empty")]
+    out = tmp_path / "out"
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            txt2img.main([*args, "--ckpt", str(ckpt), "--outdir", str(out), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
+    assert not out.exists()
+
+
+def test_png_settings_reads_vq_diffusion_truncation():
+    from latentdiff.io.images import png_bytes, png_settings
+    from latentdiff.pipelines.vq import VQGenerationParams
+    text = VQGenerationParams("a ship", "", 100, "VQ-Diffusion", 5.0, 3, 32, 32, model="vq", truncation=0.86,
+                              batch_size=2, batch_pos=1).to_text()
+    settings = png_settings(io.BytesIO(png_bytes(_random_image(1, size=16), text)))
+    assert settings["truncation"] == 0.86 and settings["sampler"] == "VQ-Diffusion" and settings["seed"] == 3
+    assert (settings["steps"], settings["scale"], settings["H"], settings["W"]) == (100, 5.0, 32, 32)
+    assert (settings["batch_size"], settings["batch_pos"], settings["model"]) == (2, 1, "vq")
+
+
+def test_from_file_makes_each_lines_images_with_their_own_seeds(ckpt, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\n\n  \na photo of a ship\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert txt2img.main(["--from-file", str(prompts), "--n_samples", "2", "--seed", "10", "--steps", "2",
+                         "--ckpt", str(ckpt), "--outdir", str(out), "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["00000.png", "00001.png", "00002-grid.png", "00003.png",
+                                                     "00004.png", "00005-grid.png"]
+    params = [parse_parameters(_params(out / f"{i:05d}.png")) for i in (0, 1, 3, 4)]
+    assert [(p["prompt"], p["Seed"]) for p in params] == [("a photo of a cat", "10"), ("a photo of a cat", "11"),
+                                                          ("a photo of a ship", "12"), ("a photo of a ship", "13")]
+    alone = tmp_path / "alone"  # line 1 alone: --seed 10 + 1 * 2
+    assert txt2img.main(["a photo of a ship", "--n_samples", "2", "--seed", "12", "--steps", "2", "--ckpt",
+                         str(ckpt), "--outdir", str(alone), "--quiet"]) == 0
+    assert _pixels(alone / "00000.png") == _pixels(out / "00003.png")
+    capsys.readouterr()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe\x00bad")
+    cases = [(["--from-file", str(empty)], "has no prompts"),
+             (["--from-file", str(bad)], "not a readable UTF-8 text file"),
+             (["--from-file", str(tmp_path / "missing.txt")], "not a readable UTF-8 text file"),
+             (["a cat", "--from-file", str(prompts)], "cannot be combined with a prompt")]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            txt2img.main([*args, "--ckpt", str(ckpt), "--outdir", str(tmp_path / "none"), "--quiet"])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
+    assert not (tmp_path / "none").exists()

@@ -9,6 +9,8 @@ Examples (from the repository root)::
         --precision bf16 --negative-prompt "blurry"
     latentdiff txt2img "a castle" --ckpt path/to/diffusers-folder --outdir outputs/castle
     latentdiff txt2img "a watercolor castle" --init-image castle.png --strength 0.6   # img2img
+    latentdiff txt2img --from-png outputs/txt2img/00000.png --seed 7   # that image's settings, another seed
+    latentdiff txt2img --from-file prompts.txt --n_samples 4           # 4 images per line of prompts.txt
 
 Each image is written as a new PNG in ``--outdir`` (existing files are never overwritten) with the generation
 parameters in a ``parameters`` text chunk (the AUTOMATIC1111 format), plus a grid when several images (at most
@@ -19,6 +21,13 @@ GRID_MAX) are made. Images are generated ``--batch-size`` at a time and written 
 With ``--init-image`` (latent-diffusion models only) each image starts from that picture, resized to --H x --W,
 encoded and noised to the step that ``--strength`` selects (as diffusers' img2img: of --steps 25 at strength 0.75,
 the last int(25 * 0.75) = 18 steps run; at strength 1 all of them run, from the picture noised to the first step).
+
+``--from-png FILE`` takes the prompt, negative prompt, steps, sampler, CFG scale, seed, size, eta, img2img strength
+and VQ-Diffusion truncation from the ``parameters`` chunk of a PNG latentdiff wrote; flags given on the command line
+override them, and the same --ckpt, device and precision regenerate the image bit for bit (an img2img PNG needs its
+--init-image again: the picture is not in the PNG; with a stochastic sampler - euler_a, ddpm, ddim with --eta - only
+an image made alone, by --n_samples 1 or --batch-size 1, as their later noise is one stream per batch).
+``--from-file FILE`` makes --n_samples images per non-empty line of a UTF-8 text file.
 """
 
 from __future__ import annotations
@@ -37,7 +46,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from latentdiff.diffusion.samplers import SAMPLERS
 
     p = ArgumentParser(description=__doc__, prog=prog)
-    p.add_argument("prompt", nargs="+", help="prompt text (several positional words are joined with spaces)")
+    p.add_argument("prompt", nargs="*", help="prompt text (several positional words are joined with spaces); "
+                                             "optional with --from-png, not allowed with --from-file")
+    p.add_argument("--from-png", default=None, metavar="FILE",
+                   help="regenerate from the settings in this PNG's parameters chunk (a PNG latentdiff wrote); flags "
+                        "given explicitly override them")
+    p.add_argument("--from-file", default=None, metavar="FILE",
+                   help="one prompt per non-empty line of this UTF-8 text file, --n_samples images each, numbered on; "
+                        "with --seed S, line j's images start at seed S + j * n_samples")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt)")
     p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default=None,
                    help="'default' or 'default-vq' (the embedded latent-diffusion and VQ-Diffusion models), a "
@@ -84,9 +100,15 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
-    prompt = " ".join(args.prompt).strip()
-    if not prompt:
-        fail("the prompt is empty")
+    png = _apply_png(args, argv, prog) if args.from_png is not None else None
+    if args.from_file is not None:
+        if args.prompt:
+            fail("--from-file cannot be combined with a prompt on the command line")
+        prompts = _read_prompts(args.from_file)
+    else:
+        prompts = [" ".join(args.prompt).strip()]
+        if not prompts[0]:
+            fail("the prompt is empty")
     if args.steps is not None and args.steps <= 0:
         fail(f"--steps must be a positive integer, got {args.steps}")
     if args.n_samples <= 0:
@@ -121,6 +143,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         pipe = load_pipeline(args.ckpt, device=device, dtype=dtype, **extra)
     except (ValueError, OSError) as e:
         fail(str(e))
+    if png is not None:
+        _check_png_against(png, pipe, args)
     height = args.H or pipe.config.image_size
     width = args.W or pipe.config.image_size
     scale = args.scale if args.scale is not None else pipe.default_scale
@@ -151,30 +175,104 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     batches = [(start, min(args.batch_size, args.n_samples - start))
                for start in range(0, args.n_samples, args.batch_size)]
-    bar = tqdm(total=run_steps * len(batches), desc="sampling", unit="step", disable=args.quiet)
+    bar = tqdm(total=run_steps * len(batches) * len(prompts), desc="sampling", unit="step", disable=args.quiet)
 
     def progress(i, n, *_):
         bar.update(1)
 
     seed = args.seed if args.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
-    kept = []  # images for the grid
     try:
-        for start, count in batches:
-            images = pipe(prompt, negative_prompt=args.negative_prompt, steps=steps, scale=scale,
-                          sampler=args.sampler, seed=seed + start, height=height, width=width, eta=args.eta,
-                          num_images_per_prompt=count, callback=progress, **vq_kwargs, **img2img)
-            for im in images:
-                print(save_png_new(im, outdir, im.info["parameters"]), flush=True)
-            if args.n_samples <= GRID_MAX:
-                kept += images
+        for j, prompt in enumerate(prompts):
+            kept = []  # images for this prompt's grid
+            line_seed = seed + j * args.n_samples
+            for start, count in batches:
+                images = pipe(prompt, negative_prompt=args.negative_prompt, steps=steps, scale=scale,
+                              sampler=args.sampler, seed=line_seed + start, height=height, width=width, eta=args.eta,
+                              num_images_per_prompt=count, callback=progress, **vq_kwargs, **img2img)
+                for im in images:
+                    print(save_png_new(im, outdir, im.info["parameters"]), flush=True)
+                if args.n_samples <= GRID_MAX:
+                    kept += images
+            if len(kept) > 1 and not args.no_grid:
+                grid = make_grid(kept)
+                print(save_png_new(grid, outdir, kept[0].info["parameters"], stem="grid"), flush=True)
     except ValueError as e:  # a combination only the sampler can judge (e.g. eta with a non-DDIM sampler)
         fail(str(e))
     finally:
         bar.close()
-    if len(kept) > 1 and not args.no_grid:
-        grid = make_grid(kept)
-        print(save_png_new(grid, outdir, kept[0].info["parameters"], stem="grid"))
     return 0
+
+
+# Options a --from-png PNG supplies unless given on the command line (args attribute names).
+PNG_OPTIONS = ("negative_prompt", "steps", "sampler", "scale", "seed", "H", "W", "eta", "strength", "truncation")
+
+
+def _explicit_options(argv: list[str] | None, prog: str | None) -> set[str]:
+    """The option names (args attributes) given on the command line, whatever their values."""
+    parser = build_parser(prog)
+    for action in parser._actions:
+        if action.option_strings:
+            action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_known_args(argv)[0])) - {"prompt"}
+
+
+def _apply_png(args: argparse.Namespace, argv: list[str] | None, prog: str | None) -> dict:
+    """Fill ``args`` from the --from-png PNG's settings where the command line left them out; returns the settings
+    (``from_png``: the option names taken from the PNG). Exits 2 with one message when the PNG cannot be used."""
+    from latentdiff.io.images import png_settings
+
+    if args.from_file is not None:
+        fail("--from-png and --from-file cannot be combined")
+    try:
+        png = png_settings(args.from_png)
+    except ValueError as e:
+        fail(f"--from-png {args.from_png}: {e}")
+    explicit = _explicit_options(argv, prog)
+    png["from_png"] = {key for key in PNG_OPTIONS if key in png and key not in explicit}
+    for key in png["from_png"]:
+        setattr(args, key, png[key])
+    if not args.prompt:
+        args.prompt = [png["prompt"]]
+    if "strength" in png and args.init_image is None:
+        fail(f"--from-png {args.from_png} was made by img2img (Denoising strength {png['strength']:g}) and its init "
+             "image is not in the PNG: give it with --init-image")
+    if png.get("batch_size", 1) > 1:  # VQ-Diffusion: one random stream per batch; regenerate the whole batch
+        for key, value in (("n_samples", png["batch_size"]), ("batch_size", png["batch_size"])):
+            if key not in explicit:
+                setattr(args, key, value)
+        print(f"note: {args.from_png} is image {png.get('batch_pos', 0) + 1} of a batch of {png['batch_size']} "
+              "(one random stream per batch): the whole batch is made again", file=sys.stderr)
+    return png
+
+
+def _check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
+    """Warn when the --from-png PNG names another model; drop the PNG's settings that the loaded model has no use
+    for (a VQ-Diffusion truncation on a latent-diffusion model, the VQ-Diffusion sampler name)."""
+    from latentdiff.diffusion.samplers import SAMPLERS
+
+    if png["model"] and png["model"] != pipe.name:
+        print(f"warning: {args.from_png} was made with model {png['model']!r}, not the loaded {pipe.name!r}: the "
+              "image will differ", file=sys.stderr)
+    vq = pipe.config.type == "vq_diffusion"
+    if "truncation" in png["from_png"] and not vq:
+        args.truncation = None
+    if "sampler" in png["from_png"] and args.sampler not in SAMPLERS:
+        if not vq:
+            fail(f"--from-png {args.from_png}: sampler {args.sampler!r} is not one of ours "
+                 f"({', '.join(sorted(SAMPLERS))}); choose one with --sampler")
+        args.sampler = None
+
+
+def _read_prompts(path: str) -> list[str]:
+    """The non-empty lines of the --from-file text file; exits 2 with one message when there are none."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"--from-file {path}: not a readable UTF-8 text file ({e})")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        fail(f"--from-file {path}: has no prompts (no non-empty line)")
+    return prompts
 
 
 def _read_init_image(path: str):

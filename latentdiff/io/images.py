@@ -135,3 +135,40 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
         r, c = divmod(i, cols)
         grid.paste(im.convert("RGB"), (pad + c * (w + pad), pad + r * (h + pad)))
     return grid
+
+
+def png_settings(path: str | Path) -> dict:
+    """The settings recorded in the ``parameters`` chunk of a PNG that latentdiff wrote, keyed by txt2img's option
+    names: prompt, negative_prompt, steps, sampler (our id when it is one of ours), scale, seed, H, W, eta, model, and
+    where present strength (img2img's ``Denoising strength``), truncation and batch_size/batch_pos (VQ-Diffusion).
+    Raises ValueError with one clear message for an unreadable file, a PNG without that chunk, or a text without
+    the Steps and Seed fields (or with a malformed value)."""
+    try:
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"not a readable image ({e})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("has no 'parameters' text chunk (not a PNG that latentdiff or AUTOMATIC1111 wrote)")
+    fields = parse_parameters(text)
+    missing = [key for key in ("Steps", "Seed") if key not in fields]
+    if missing:
+        raise ValueError(f"its 'parameters' text lacks {' and '.join(missing)}, so the image cannot be regenerated")
+    out: dict = {"prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"], "eta": 0.0,
+                 "model": fields.get("Model", "")}
+    try:
+        out["steps"], out["seed"] = int(fields["Steps"]), int(fields["Seed"])
+        if "Sampler" in fields:
+            out["sampler"] = fields["Sampler"]
+        for key, name in (("scale", "CFG scale"), ("eta", "Eta"), ("strength", "Denoising strength"),
+                          ("truncation", "Truncation")):
+            if name in fields:
+                out[key] = float(fields[name])
+        if "Size" in fields:
+            out["W"], out["H"] = (int(v) for v in fields["Size"].split("x"))
+        for key, name in (("batch_size", "Batch size"), ("batch_pos", "Batch pos")):
+            if name in fields:
+                out[key] = int(fields[name])
+    except ValueError as e:
+        raise ValueError(f"its 'parameters' text has a malformed value ({e})") from None
+    return out

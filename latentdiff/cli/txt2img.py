@@ -74,8 +74,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
                         "default: the model's truncation_rate")
     p.add_argument("--seed", type=int, default=None,
-                   help="random seed (latent diffusion: image i uses seed+i, whatever the batch size; VQ-Diffusion: "
-                        "one random stream per batch, seeded with seed + the index of its first image); "
+                   help="random seed (latent diffusion: image i starts from the noise of seed+i, whatever the batch "
+                        "size; the step noise of euler_a, ddpm and ddim with --eta is one stream per batch, seeded "
+                        "with its first image's seed; VQ-Diffusion: one random stream per batch, seeded likewise); "
                         "default: random")
     p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8,

@@ -44,7 +44,7 @@ def sd(tmp_path_factory):
 def test_matches_diffusers_img2img_pipeline(sd, sampler, strength, monkeypatch):
     """Same weights, scheduler, image, strength and noise: diffusers draws the added noise first from its
     generator (the posterior's mode is used on both sides, not a sample) and its step noise from a second
-    generator seeded like ours, whose step noise comes from Generator().manual_seed(seed)."""
+    generator that continues ours: Generator().manual_seed(seed) draws our x_T, then our step noise."""
     from diffusers import StableDiffusionImg2ImgPipeline
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as img2img_module
     from diffusers.schedulers import scheduling_ddpm, scheduling_euler_ancestral_discrete
@@ -53,6 +53,8 @@ def test_matches_diffusers_img2img_pipeline(sd, sampler, strength, monkeypatch):
     seed, image = 3, random_image()
     monkeypatch.setattr(img2img_module, "retrieve_latents", lambda out, generator=None: out.latent_dist.mode())
     step_noise = torch.Generator().manual_seed(seed)
+    f = pipe.config.autoencoder.downsample_factor
+    torch.randn(pipe.config.autoencoder.embed_dim, H.IMAGE_SIZE // f, H.IMAGE_SIZE // f, generator=step_noise)  # x_T
 
     def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
         return torch.randn(shape, generator=step_noise, dtype=dtype)
@@ -120,9 +122,9 @@ def test_every_sampler(tiny_ldm_pipe, sampler):
     assert d_light < 0.25 * d_full and d_light < d_heavy < d_full
     light = run(0.1)
     assert torch.equal(light, run(0.1))  # the same seed reproduces
-    if sampler in ("ddim", "dpmpp_2m"):  # no step noise: image i (noise from seed + i) comes out alone the same
-        second = pipe.generate("a ship", init_image=image, strength=0.1, **dict(kw, seed=5))[0]
-        assert torch.allclose(second[0], light[1], atol=1e-5)
+    # image i (its own random stream from seed + i) comes out the same alone, with every sampler
+    second = pipe.generate("a ship", init_image=image, strength=0.1, **dict(kw, seed=5))[0]
+    assert torch.allclose(second[0], light[1], atol=1e-5)
 
 
 def test_vq_diffusion_refuses_init_image():

@@ -47,10 +47,20 @@ def test_checkpoint_round_trip_is_bit_identical(pipe, tmp_path):
         assert torch.equal(a, b), sampler
 
 
-def test_seed_reproduces_each_image_alone(pipe):
-    batch, _ = pipe.generate("a cat", steps=3, seed=10, num_images_per_prompt=3)
-    alone, _ = pipe.generate("a cat", steps=3, seed=12)
-    torch.testing.assert_close(batch[2:], alone, atol=1e-5, rtol=0)
+@pytest.mark.parametrize("sampler, eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0), ("dpmpp_2m", 0.0),
+                                         ("euler_a", 0.0)])
+def test_seed_reproduces_each_image_alone(pipe, sampler, eta):
+    """Each image has its own random stream (x_T, then step noise), so it comes out the same made alone, with
+    any sampler; ``seeds`` gives each image its seed (what a server batching requests needs)."""
+    kw = dict(steps=3, sampler=sampler, eta=eta)
+    batch, params = pipe.generate(["a cat", "a dog"], seed=10, num_images_per_prompt=2, **kw)
+    alone, _ = pipe.generate("a dog", seed=12, **kw)
+    torch.testing.assert_close(batch[2:3], alone, atol=1e-5, rtol=0)
+    mixed, mixed_params = pipe.generate(["a dog", "a cat"], seeds=[13, 11], **kw)
+    torch.testing.assert_close(mixed, batch[[3, 1]], atol=1e-5, rtol=0)
+    assert [p.seed for p in mixed_params] == [13, 11] and [p.seed for p in params] == [10, 11, 12, 13]
+    with pytest.raises(ValueError, match="one per image"):
+        pipe.generate("a dog", seeds=[1, 2], **kw)
 
 
 def test_latent_output_decodes_to_the_images(pipe):
@@ -147,3 +157,16 @@ def test_unknown_sampler_names_pass_through():
     assert sampler_id("DPM++ 2M Karras") == "dpmpp_2m"
     assert sampler_id("Euler") == "Euler" and sampler_id("VQ-Diffusion") == "VQ-Diffusion"
     assert parse_parameters("a car\nSteps: 20, Sampler: UniPC")["Sampler"] == "UniPC"
+
+
+def test_model_hash_is_automatic1111s_short_sha256(pipe, tmp_path):
+    import hashlib
+
+    assert pipe.model_hash == ""  # built in memory: no file to hash
+    path = pipe.save(tmp_path / "tiny.safetensors")
+    loaded = latentdiff.load_pipeline(path)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()[:10]
+    assert loaded.model_hash == expected
+    params = parse_parameters(loaded("a cat", steps=1, seed=0)[0].info["parameters"])
+    assert params["Model hash"] == expected and params["Model"] == "tiny"
+    assert "Clip skip" not in params  # written only when > 1

@@ -25,8 +25,8 @@ the last int(25 * 0.75) = 18 steps run; at strength 1 all of them run, from the 
 ``--from-png FILE`` takes the prompt, negative prompt, steps, sampler, CFG scale, seed, size, eta, img2img strength
 and VQ-Diffusion truncation from the ``parameters`` chunk of a PNG latentdiff wrote; flags given on the command line
 override them, and the same --ckpt, device and precision regenerate the image bit for bit (an img2img PNG needs its
---init-image again: the picture is not in the PNG; with a stochastic sampler - euler_a, ddpm, ddim with --eta - only
-an image made alone, by --n_samples 1 or --batch-size 1, as their later noise is one stream per batch).
+--init-image again: the picture is not in the PNG; a VQ-Diffusion image's whole batch is made again, as its sampling
+is one random stream per batch).
 ``--from-file FILE`` makes --n_samples images per non-empty line of a UTF-8 text file.
 """
 
@@ -74,9 +74,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
                         "default: the model's truncation_rate")
     p.add_argument("--seed", type=int, default=None,
-                   help="random seed (latent diffusion: image i starts from the noise of seed+i, whatever the batch "
-                        "size; the step noise of euler_a, ddpm and ddim with --eta is one stream per batch, seeded "
-                        "with its first image's seed; VQ-Diffusion: one random stream per batch, seeded likewise); "
+                   help="random seed (latent diffusion: image i has its own random stream seeded with seed+i, for "
+                        "its starting noise and the step noise of euler_a, ddpm and ddim with --eta, whatever the "
+                        "batch size; VQ-Diffusion: one random stream per batch, seeded with its first image's seed); "
                         "default: random")
     p.add_argument("--n_samples", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=8,

@@ -32,6 +32,7 @@ from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.diffusion.timesteps import SPACINGS, run_sigmas, spaced_timesteps
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+Generators = torch.Generator | list[torch.Generator] | None  # one stream, or one per batch row
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class SamplerOptions:
 
     steps: int = 50
     eta: float = 0.0
-    generator: torch.Generator | None = None
+    generator: Generators = None
     timestep_spacing: str = "leading"
     steps_offset: int = 0
     use_karras_sigmas: bool = False
@@ -81,8 +82,13 @@ class _Denoiser:
         return (x0, c * x + d * pred) if want_eps else x0
 
 
-def _randn(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Standard normal like ``x``, drawn on the generator's device (reproducible across devices) and moved."""
+def _randn(x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """Standard normal like ``x``, drawn on the generator's device (reproducible across devices) and moved. A list
+    of generators draws row b of ``x`` from generator b, so each image's noise is its own stream, whatever the
+    batch it is in."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype)
+                            for g in generator]).to(x.device)
     device = generator.device if generator is not None else x.device
     return torch.randn(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
 
@@ -231,13 +237,14 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, 
 
 
 def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str = "ddim", steps: int = 50,
-           eta: float = 0.0, generator: torch.Generator | None = None, timestep_spacing: str = "leading",
+           eta: float = 0.0, generator: Generators = None, timestep_spacing: str = "leading",
            use_karras_sigmas: bool = False, callback: Callback | None = None, model_kwargs: dict | None = None,
            steps_offset: int = 0, start_step: int | None = None) -> torch.Tensor:
     """Run ``sampler`` from x_T ~ N(0, I) (shape (B, C, H, W), drawn by the caller) and return x0.
 
     ``steps``: 1..T model evaluations. ``eta``: DDIM stochasticity (ddim only). ``generator``: every noise draw
-    after x_T. ``timestep_spacing``: leading | trailing | linspace, as diffusers; ``steps_offset`` is added to
+    after x_T (a list: one generator per row of x_T, each row's noise from its own). ``timestep_spacing``:
+    leading | trailing | linspace, as diffusers; ``steps_offset`` is added to
     leading timesteps (Stable Diffusion configs use 1 with leading; default 0). ``use_karras_sigmas``: Karras
     noise levels (dpmpp_2m only). ``callback(i, steps, x_t, pred_x0)`` runs after each step.
     ``start_step`` = k in 0..steps-1 (img2img; None: x_T is pure noise) skips the run's first k steps: x_T is then
@@ -249,6 +256,8 @@ def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str =
                     model_kwargs, steps_offset, start_step)
     if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
         raise ValueError("x_T must be a floating-point tensor of shape (B, ...)")
+    if isinstance(generator, (list, tuple)) and len(generator) != x_T.shape[0]:
+        raise ValueError(f"{len(generator)} generators given for a batch of {x_T.shape[0]}: one per row")
     return SAMPLERS[sampler](model, schedule, x_T, opts)
 
 

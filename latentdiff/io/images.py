@@ -47,6 +47,9 @@ class GenerationParams:
     eta: float = 0.0
     model: str = ""
     denoising_strength: float | None = None  # img2img only
+    model_hash: str = ""  # AUTOMATIC1111's short hash of the model file: the first 10 hex digits of its SHA-256
+    clip_skip: int = 1  # 1 = the text encoder's own output layer; written only when > 1
+    loras: tuple = ()  # (name, scale, short hash) of each LoRA applied
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -56,10 +59,14 @@ class GenerationParams:
                   f"Seed: {self.seed}", f"Size: {self.width}x{self.height}"]
         if self.eta:
             fields.append(f"Eta: {self.eta:g}")
+        if self.model_hash:
+            fields.append(f"Model hash: {self.model_hash}")
         if self.model:
             fields.append(f"Model: {self.model}")
         if self.denoising_strength is not None:
             fields.append(f"Denoising strength: {self.denoising_strength:g}")
+        if self.clip_skip > 1:
+            fields.append(f"Clip skip: {self.clip_skip}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
 

@@ -3,6 +3,7 @@ moving between devices, and the call that turns generated tensors into PIL image
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ class Pipeline:
 
     components: tuple[str, ...] = ()
     main_component: str = ""
+    source: Path | None = None  # the file it was loaded from (load_pipeline sets it), for model_hash
+    _model_hash: str | None = None
 
     @classmethod
     def build_modules(cls, config) -> dict[str, torch.nn.Module]:
@@ -76,6 +79,14 @@ class Pipeline:
         return next(getattr(self, self.main_component).parameters()).dtype
 
     @property
+    def model_hash(self) -> str:
+        """AUTOMATIC1111's short model hash ("AutoV2"): the first 10 hex digits of the SHA-256 of the file it was
+        loaded from, computed on first use; "" for a folder or a pipeline built in memory."""
+        if self._model_hash is None:
+            self._model_hash = file_sha256(self.source)[:10] if self.source and Path(self.source).is_file() else ""
+        return self._model_hash
+
+    @property
     def default_scale(self) -> float:
         return self.config.guidance_scale
 
@@ -86,6 +97,15 @@ class Pipeline:
         for im, p in zip(pil, params):
             im.info["parameters"] = p.to_text()
         return pil
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
+    """The SHA-256 of a file as hex, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def check_output_type(output_type: str) -> None:

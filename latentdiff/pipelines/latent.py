@@ -68,7 +68,7 @@ class LatentDiffusionPipeline(Pipeline):
     @torch.inference_mode()
     def generate(self, prompt: str | list[str], negative_prompt: str | list[str] | None = None,
                  steps: int | None = None, scale: float | None = None, sampler: str | None = None,
-                 seed: int | None = None, height: int | None = None,
+                 seed: int | None = None, seeds: list[int] | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
                  strength: float = 0.8) -> tuple[torch.Tensor, list[GenerationParams]]:
@@ -82,6 +82,11 @@ class LatentDiffusionPipeline(Pipeline):
         encoded (posterior mode), noised to the step k that ``strength`` in (0, 1] selects (:func:`start_step`),
         and the run's last steps - k steps denoise it. The noise is image i's x_T (seed + i), so a seed reproduces.
         At strength 1 the image is noised to the first step, which keeps √ᾱ_{t_0} of it, as diffusers does.
+
+        Randomness is per image: image i has its own CPU generator seeded with its seed (``seed + i``, or
+        ``seeds[i]`` when given: one per image, after ``num_images_per_prompt``), which draws its x_T and then
+        every step noise of a stochastic sampler (euler_a, ddpm, ddim with eta > 0). So an image is the same
+        whatever batch it was made in, on the same device and precision.
         """
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -105,22 +110,19 @@ class LatentDiffusionPipeline(Pipeline):
         k = None if init_image is None else start_step(steps, strength)  # ValueError for a bad strength
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
-        if seed is None:
-            seed = int(torch.randint(0, 2**31 - 1, ()).item())
-
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
         N = len(prompts)
+        seeds = image_seeds(seed, seeds, N)
         device, dtype = self.device, self.dtype
-        context = self.text_encoder.encode(prompts).to(dtype)  # (N, L, D)
-        uncond = self.text_encoder.encode(negatives).to(dtype) if scale != 1.0 else None  # (N, L, D)
+        context, uncond = self.encode_prompts(prompts, negatives, guided=scale != 1.0)  # (N, L, D) each; uncond
+        # is None without guidance
 
         C = self.config.autoencoder.embed_dim
         f = self.config.autoencoder.downsample_factor
-        seeds = [seed + i for i in range(N)]
-        x_T = torch.stack([torch.randn(C, height // f, width // f, generator=torch.Generator().manual_seed(s))
-                           for s in seeds]).to(device)  # (N, C, h, w), float32; per-image seeds reproduce alone
-        generator = torch.Generator(device).manual_seed(seed)
+        generator = [torch.Generator().manual_seed(s) for s in seeds]  # one stream per image: x_T, then step noise
+        x_T = torch.stack([torch.randn(C, height // f, width // f, generator=g)
+                           for g in generator]).to(device)  # (N, C, h, w), float32
         s = self.config.schedule
         if init_image is not None:  # img2img: x_{t_k} = √ᾱ_k z0 + √(1-ᾱ_k) x_T (Eq. 4 of DDPM), step k's noise level
             z_init = self.autoencoder.encode(image_to_tensor(init_image, height, width).to(device, dtype)).float()
@@ -138,8 +140,32 @@ class LatentDiffusionPipeline(Pipeline):
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
                     model_kwargs=kwargs, start_step=k)
         strength = None if init_image is None else float(strength)
-        params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength)
-                  for p, n, sd in zip(prompts, negatives, seeds)]
+        params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength,
+                                   model_hash=self.model_hash) for p, n, sd in zip(prompts, negatives, seeds)]
         if output_type == "latent":
             return z0.float(), params
         return self.autoencoder.decode(z0.to(dtype)).float(), params  # (N, 3, H, W)
+
+    def encode_prompts(self, prompts: list[str], negatives: list[str], guided: bool = True
+                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The U-Net's cross-attention contexts of the prompts and (when ``guided``) of the negative prompts:
+        (N, L, D) each, in the pipeline's dtype; the unconditional one is None without guidance."""
+        dtype = self.dtype
+        context = self.text_encoder.encode(prompts).to(dtype)  # (N, L, D)
+        uncond = self.text_encoder.encode(negatives).to(dtype) if guided else None  # (N, L, D)
+        return context, uncond
+
+
+def image_seeds(seed: int | None, seeds: list[int] | None, n: int) -> list[int]:
+    """The seed of each of ``n`` images: ``seeds`` as given (exactly n), else ``seed + i`` (a random seed when
+    ``seed`` is None)."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds given for {n} images: one per image")
+        if seed is not None and seed != seeds[0]:
+            raise ValueError("give seed or seeds, not both")
+        return seeds
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    return [seed + i for i in range(n)]

@@ -54,6 +54,7 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
         pipe = load_vq_diffusion_folder(path)
     else:
         pipe = load_stable_diffusion(path, **kwargs)
+    pipe.source = path
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
     return pipe

@@ -186,7 +186,7 @@ class VQDiffusionPipeline(Pipeline):
                        generator=torch.Generator(self.device).manual_seed(seed), callback=step_callback,
                        model_kwargs={"context": context})  # (N, S*S)
         params = [VQGenerationParams(p, "", steps, SAMPLER_NAME, scale, seed, width, height, model=self.name,
-                                     truncation=truncation, batch_size=N, batch_pos=i)
+                                     model_hash=self.model_hash, truncation=truncation, batch_size=N, batch_pos=i)
                   for i, p in enumerate(prompts)]
         if output_type == "latent":
             return codes.view(N, S, S), params

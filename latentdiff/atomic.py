@@ -40,9 +40,10 @@ def atomic_write(path: str | Path, mode: str = "wb", overwrite: bool = True):
             os.link(tmp, path)  # fails with FileExistsError if path appeared meanwhile
             os.unlink(tmp)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_file(e, path)
         raise
 
 
@@ -71,6 +72,18 @@ def atomic_folder(target: str | Path, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _name_file(error: BaseException, path: Path) -> None:
+    """A failed write (a full disk) names the file it was for: the OSError in ``error``'s chain (torch.save turns
+    it into a RuntimeError) gets ``path`` as its filename when it has none."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(path)
+            return
+        error = error.__cause__ or error.__context__
 
 
 def _fsync_dir(folder: Path) -> None:

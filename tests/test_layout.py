@@ -13,7 +13,8 @@ PACKAGE = ROOT / "latentdiff"
 # Bottom to top; a module may import its own layer and the layers below. The longest matching prefix decides.
 LAYERS = [
     # no latentdiff imports:
-    ("latentdiff.version", "latentdiff.atomic", "latentdiff.locks", "latentdiff.assets", "latentdiff.devices"),
+    ("latentdiff.version", "latentdiff.atomic", "latentdiff.locks", "latentdiff.assets", "latentdiff.devices",
+     "latentdiff.argtypes"),
     ("latentdiff.config",),
     ("latentdiff.diffusion", "latentdiff.models"),
     ("latentdiff.io",),

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, report_error
+from latentdiff.cli.common import BATCH, ArgumentParser, report_error
 from latentdiff.data.image_sources import add_selection_arguments  # no hub imports
 
 
@@ -31,7 +31,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, default=None, help="local weights file (.safetensors/.bin)")
     p.add_argument("--allow-download", action="store_true", help="download --pretrained weights if not cached")
     add_selection_arguments(p, "pairs")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per batch")
+    p.add_argument("--batch-size", type=BATCH, default=64, help="pairs per batch")
     p.add_argument("--device", default=None, help="torch device; None: cuda if available, else cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p

@@ -6,6 +6,20 @@ import argparse
 import sys
 from typing import NoReturn
 
+from latentdiff.argtypes import (  # noqa: F401 - the numeric flag types, re-exported for the commands
+    BATCH,
+    FINITE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    POSITIVE_FLOAT,
+    SEED,
+    THREADS,
+    WORKERS,
+    Float,
+    Int,
+)
+
 _PROG = ["latentdiff"]  # the program name of the command being run, for fail()
 
 

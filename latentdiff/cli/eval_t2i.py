@@ -27,7 +27,19 @@ import os
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail, lock_outdir, resolve_device_dtype
+from latentdiff.cli.common import (
+    BATCH,
+    FINITE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_FLOAT,
+    POSITIVE,
+    SEED,
+    WORKERS,
+    ArgumentParser,
+    fail,
+    lock_outdir,
+    resolve_device_dtype,
+)
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,25 +47,26 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default="default",
                    help="model: 'default' or 'default-vq' (the embedded models), a latentdiff .safetensors, a "
                         "Stable Diffusion file or a diffusers folder")
-    p.add_argument("--scale", type=float, default=None, help="guidance scale; default: the model's own")
+    p.add_argument("--scale", type=FINITE, default=None, help="guidance scale; default: the model's own")
     p.add_argument("--captions", default="cifar10", help="'cifar10' (class captions) or a text file, one per line")
-    p.add_argument("--num-samples", type=int, default=1000, help="number of images to generate")
-    p.add_argument("--batch-size", type=int, default=50, help="images per generation batch")
+    p.add_argument("--num-samples", type=POSITIVE, default=1000, help="number of images to generate")
+    p.add_argument("--batch-size", type=BATCH, default=50, help="images per generation batch")
     p.add_argument("--reference", default="data/cifar10-test-shards",
                    help="FID reference: image folder, tar shards or .npz statistics ('none': no FID)")
-    p.add_argument("--reference-samples", type=int, default=None, help="use a seeded random subset of the reference")
+    p.add_argument("--reference-samples", type=POSITIVE, default=None,
+                   help="use a seeded random subset of the reference")
     p.add_argument("--inception-weights", default=None, help="Inception weights file (default: the torch hub cache)")
     p.add_argument("--cache-dir", default=None, help="reference statistics cache (default: ~/.cache/latentdiff/fid)")
     p.add_argument("--classifier", default=None,
                    help="CIFAR-10 classifier .safetensors (default: the embedded one, skipped if absent)")
-    p.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed + i)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of image 0 (image i uses seed + i)")
     p.add_argument("--outdir", required=True, help="output folder (images/, results.json, results.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="model precision (auto: bf16 on CUDA if supported, else fp16; fp32 on CPU); the judges "
                         "run in fp32")
-    p.add_argument("--fid-batch-size", type=int, default=50, help="images per Inception batch")
-    p.add_argument("--num-workers", type=int, default=0, help="image decoding processes for FID / CLIP")
+    p.add_argument("--fid-batch-size", type=BATCH, default=50, help="images per Inception batch")
+    p.add_argument("--num-workers", type=WORKERS, default=0, help="image decoding processes for FID / CLIP")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -62,11 +75,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     p = ArgumentParser(description=__doc__, prog=prog)
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
-    p.add_argument("--steps", type=int, default=25, help="sampling steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--steps", type=POSITIVE, default=25, help="sampling steps")
+    p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
     add_common_arguments(p)
-    p.add_argument("--start", type=int, default=0,
+    p.add_argument("--start", type=NON_NEGATIVE, default=0,
                    help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
                         "or machines, then merge their images/ folders and run `latentdiff fid` on the whole; latent "
                         "diffusion seeds each image, so the merge equals one run; VQ-Diffusion seeds each batch)")

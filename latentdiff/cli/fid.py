@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from latentdiff.cli.common import ArgumentParser, report_error
+from latentdiff.cli.common import BATCH, ArgumentParser, report_error
 from latentdiff.data.image_sources import SourceError, add_selection_arguments, error_message
 from latentdiff.metrics.fid import (
     DEFAULT_CACHE_DIR,
@@ -49,7 +49,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--save-stats", action="store_true", help="write the statistics of SOURCE to OUT.npz")
     p.add_argument("--overwrite", action="store_true", help="allow --save-stats/--convert-fid-helper to replace OUT")
     add_selection_arguments(p, "images per source")
-    p.add_argument("--batch-size", type=int, default=50, help="images per Inception batch")
+    p.add_argument("--batch-size", type=BATCH, default=50, help="images per Inception batch")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--inception-weights", type=Path, default=None, help="local Inception weights (.pth/.safetensors)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR, help="cache of reference statistics")

@@ -10,6 +10,7 @@ An unknown command prints the list and exits with status 2, as argparse does for
 
 from __future__ import annotations
 
+import errno
 import importlib
 import sys
 from pathlib import Path
@@ -29,6 +30,7 @@ COMMANDS = {
     "eval-t2i": ("latentdiff.cli.eval_t2i", "generate from captions, then FID, CLIP score and class accuracy"),
     "sampler-sweep": ("latentdiff.cli.sampler_sweep", "FID and class accuracy per sampler and step count"),
     "train-classifier": ("latentdiff.cli.train_classifier", "train the CIFAR-10 classifier used as a judge"),
+    "serve": ("latentdiff.cli.serve", "HTTP server with AUTOMATIC1111's API, batching, a web page, Ray Serve"),
 }
 
 
@@ -57,7 +59,63 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return module.main(argv[1:], prog=prog or f"latentdiff {command}") or 0
+    prog = prog or f"latentdiff {command}"
+    try:
+        return module.main(argv[1:], prog=prog) or 0
+    except (MemoryError, OSError, RuntimeError) as e:
+        message = resource_error_message(e, command)
+        if message is not None:
+            print(f"{prog}: error: {message}", file=sys.stderr)
+            return 1
+        if isinstance(e, OSError) and e.errno in PATH_ERRORS and e.filename:  # a path the user gave is unusable
+            print(f"{prog}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+            return 2
+        raise
+
+
+# What to change when a command runs out of memory.
+OOM_HINTS = {
+    "txt2img": "a smaller --batch-size, a smaller --H/--W, or --precision fp16/bf16 on a GPU",
+    "train": "a smaller data.batch_size with a larger grad_accum (--set data.batch_size=8 --set grad_accum=4), "
+             "precision bf16 or fp16, model.unet.gradient_checkpointing=true, or a smaller data.image_size",
+    "eval-t2i": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
+    "sampler-sweep": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
+    "fid": "a smaller --batch-size", "clip-score": "a smaller --batch-size",
+    "train-classifier": "a smaller --batch-size or narrower --widths",
+    "serve": "a smaller --max-batch or a smaller size limit",
+}
+PATH_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,
+               errno.ENAMETOOLONG, errno.ELOOP}
+NO_SPACE = {errno.ENOSPC: "no space left on the device", errno.EFBIG: "the file is too large for this system",
+            errno.EDQUOT: "the disk quota is exceeded"}
+
+
+def resource_error_message(e: BaseException, command: str) -> str | None:
+    """One message for running out of memory or disk space (what failed, what to change), or None for any other
+    error. Files are written atomically, so a failed write leaves the previous complete file and no partial one."""
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _is_oom(str(e))):
+        hint = OOM_HINTS.get(command, "smaller inputs or batches")
+        return f"out of memory ({str(e).splitlines()[0] if str(e) else type(e).__name__}); try {hint}"
+    os_error = next((c for c in _chain(e) if isinstance(c, OSError) and c.errno in NO_SPACE), None)
+    if os_error is not None:  # torch.save raises a RuntimeError from the OSError of a full disk
+        where = f" writing {os_error.filename}" if os_error.filename else ""
+        return (f"{NO_SPACE[os_error.errno]}{where}; free space or write elsewhere. The file being written was "
+                "discarded: an earlier complete file of that name is intact")
+    return None
+
+
+def _chain(e: BaseException | None) -> list[BaseException]:
+    """``e`` and the exceptions it was raised from or during, outermost first."""
+    out: list[BaseException] = []
+    while e is not None and all(e is not c for c in out):
+        out.append(e)
+        e = e.__cause__ or e.__context__
+    return out
+
+
+def _is_oom(text: str) -> bool:
+    text = text.lower()
+    return "out of memory" in text or "not enough memory" in text or "can't allocate memory" in text
 
 
 def run_tool(command: str) -> int:

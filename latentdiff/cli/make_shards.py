@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail
+from latentdiff.cli.common import POSITIVE, SEED, ArgumentParser, fail
 from latentdiff.data.captions import parse_class_map
 from latentdiff.data.pack import IMAGE_FORMATS, pack_source
 from latentdiff.data.sources import LAYOUTS, ImageSource, SourceError
@@ -47,19 +47,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, prog=prog)
     p.add_argument("source", help="image folder or tar archive (class folders, or images with .txt captions)")
     p.add_argument("outdir", help="output folder for the shards and manifest.json")
-    p.add_argument("--samples-per-shard", type=int, default=1000, help="samples per tar shard")
+    p.add_argument("--samples-per-shard", type=POSITIVE, default=1000, help="samples per tar shard")
     p.add_argument("--caption-template", action="append", default=None,
                    help="caption template for class folders, '{}' is the class name (repeat the flag for several; "
                         "each image gets one, fixed by its path); default: 'a photo of a {}'")
     p.add_argument("--image-format", default="jpg", choices=sorted(IMAGE_FORMATS),
                    help="image format in the shards (sources in another format are re-encoded)")
-    p.add_argument("--max-samples", type=int, default=None, help="write at most this many samples")
+    p.add_argument("--max-samples", type=POSITIVE, default=None, help="write at most this many samples")
     p.add_argument("--class-map", default=None,
                    help="rename class folders in captions: a JSON file {folder: name} or 'folder=name,...'")
     p.add_argument("--layout", default="auto", choices=LAYOUTS,
                    help="caption source: class folders, .txt files, or auto (.txt files if the source has any)")
     p.add_argument("--prefix", default=None, help="shard file prefix; default: the source's name without suffix")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample order permutation")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the sample order permutation")
     p.add_argument("--no-shuffle", action="store_true", help="write samples in sorted source order")
     p.add_argument("--no-verify", action="store_true",
                    help="do not fully decode images that are copied unchanged (faster; corrupt ones get through)")

@@ -54,10 +54,12 @@ def read_captions(source: str) -> list[str]:
 
     path = Path(source)
     if path.is_file() and path.suffix not in (".tar", ".tgz", ".gz"):
+        from latentdiff.io.text_lines import read_lines
+
         try:
-            return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--vocabulary {source}: cannot read captions: {e}")
+            return read_lines(path)
+        except ValueError as e:
+            fail(f"--vocabulary {source}: {e}")
     try:
         shards = resolve_shards(source)
     except (ValueError, OSError) as e:

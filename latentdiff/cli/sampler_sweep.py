@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail, lock_outdir
+from latentdiff.cli.common import POSITIVE, ArgumentParser, fail, lock_outdir
 from latentdiff.cli.eval_t2i import add_common_arguments, check_common, load_everything
 
 SWEEP_SAMPLERS = ["ddpm", "ddim", "dpmpp_2m", "euler_a"]
@@ -30,7 +30,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
     p = ArgumentParser(description=__doc__, prog=prog)
     p.add_argument("--samplers", nargs="+", default=SWEEP_SAMPLERS, choices=sorted(SAMPLERS), help="samplers to run")
-    p.add_argument("--steps", type=int, nargs="+", default=[10, 25, 50, 100], help="step counts to run")
+    p.add_argument("--steps", type=POSITIVE, nargs="+", default=[10, 25, 50, 100], help="step counts to run")
     add_common_arguments(p)
     return p
 

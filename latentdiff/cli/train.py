@@ -35,7 +35,7 @@ Exit status: 0 done, 1 training diverged (NaN/inf loss or gradients; nothing bro
 import sys
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail
+from latentdiff.cli.common import NON_NEGATIVE, POSITIVE_FLOAT, ArgumentParser, fail
 
 
 def build_parser(prog: str | None = None) -> ArgumentParser:
@@ -47,9 +47,9 @@ def build_parser(prog: str | None = None) -> ArgumentParser:
     parser.add_argument("--outdir", default=None, help="run folder (default: runs/<config name>)")
     parser.add_argument("--resume", default="auto", help="'auto' (newest complete checkpoint in --outdir, if "
                                                         "any), 'none' (fresh run) or a checkpoint path")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this optimizer step "
+    parser.add_argument("--max-steps", type=NON_NEGATIVE, default=None, help="stop after this optimizer step "
                                                                    "(default: the config's steps)")
-    parser.add_argument("--max-minutes", type=float, default=None, help="wall-clock budget of the training "
+    parser.add_argument("--max-minutes", type=POSITIVE_FLOAT, default=None, help="wall-clock budget of the training "
                         "loop: after the step that passes it, log, sample, checkpoint and export, then exit 0 "
                         "(the LR schedule still spans the config's steps; default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -21,7 +21,7 @@ import argparse
 import time
 from pathlib import Path
 
-from latentdiff.cli.common import ArgumentParser, fail
+from latentdiff.cli.common import BATCH, POSITIVE, POSITIVE_FLOAT, SEED, THREADS, ArgumentParser, Int, fail
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -29,13 +29,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--shards", required=True, help="training shards: folder, brace pattern, glob or file")
     p.add_argument("--test-shards", default=None, help="held-out shards to report accuracy on (same classes)")
     p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--epochs", type=float, default=2.5, help="passes over the training set (fractions allowed)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=0.15, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--widths", type=int, nargs="+", default=[16, 32, 64], help="channels of the conv blocks")
-    p.add_argument("--seed", type=int, default=0, help="random seed (initialisation, order, augmentation)")
-    p.add_argument("--limit", type=int, default=None, help="use only the first N training samples")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--epochs", type=POSITIVE_FLOAT, default=2.5,
+                   help="passes over the training set (fractions allowed)")
+    p.add_argument("--batch-size", type=BATCH, default=128, help="training batch size")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=0.15, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--widths", type=Int(1, 4096), nargs="+", default=[16, 32, 64], help="channels of the conv blocks")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (initialisation, order, augmentation)")
+    p.add_argument("--limit", type=POSITIVE, default=None, help="use only the first N training samples")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p

@@ -18,7 +18,7 @@ import argparse
 import json
 
 from latentdiff.atomic import atomic_write
-from latentdiff.cli.common import ArgumentParser, fail
+from latentdiff.cli.common import NON_NEGATIVE, ArgumentParser, fail
 from latentdiff.data.stats import DataStats
 from latentdiff.data.validate import validate_shards
 
@@ -28,7 +28,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("folder", help="shard folder (with manifest.json, or plain *.tar shards)")
     p.add_argument("--no-decode", action="store_true", help="do not decode images (only structure and captions)")
     p.add_argument("--no-checksums", action="store_true", help="do not recompute sha256 sums")
-    p.add_argument("--max-problems", type=int, default=50, help="problems listed (all are counted)")
+    p.add_argument("--max-problems", type=NON_NEGATIVE, default=50, help="problems listed (all are counted)")
     p.add_argument("--json", default=None, help="also write the report (counts and listed problems) to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p

@@ -29,6 +29,7 @@ import numpy as np
 from braceexpand import braceexpand
 from torch.utils.data import IterableDataset, get_worker_info
 
+from latentdiff.argtypes import POSITIVE, SEED, WORKERS
 from latentdiff.data.decode import IMAGE_EXTS, is_image_name
 from latentdiff.data.shards import READ_ERRORS, image_ext, iter_shard
 from latentdiff.data.stats import Problem
@@ -185,11 +186,11 @@ def open_image_source(spec: str | Path) -> FolderSource | TarSource:
 
 def add_selection_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     """The command-line options that choose and read a source's samples (``latentdiff fid``, ``clip_score``)."""
-    parser.add_argument("--num-samples", type=int, default=None, help=f"{what} to use; None: all")
+    parser.add_argument("--num-samples", type=POSITIVE, default=None, help=f"{what} to use; None: all")
     parser.add_argument("--subset", choices=SUBSETS, default="random",
                         help="with --num-samples: a seeded random subset, or the first N in source order")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random subset")
-    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of the random subset")
+    parser.add_argument("--num-workers", type=WORKERS, default=min(8, os.cpu_count() or 1),
                         help="image decoding processes")
 
 

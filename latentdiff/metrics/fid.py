@@ -85,7 +85,7 @@ class FeatureStatistics:
                 mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
                 count = int(data["count"]) if "count" in data else -1
                 meta = json.loads(str(data["meta"])) if "meta" in data else {}
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        except (OSError, ValueError, KeyError, EOFError, TypeError, AttributeError, zipfile.BadZipFile) as err:
             raise StatisticsError(f"{path}: not a statistics file with mu and sigma ({err})") from err
         if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
             raise StatisticsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")

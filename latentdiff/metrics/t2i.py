@@ -32,6 +32,7 @@ from latentdiff.atomic import atomic_write
 from latentdiff.data.captions import fill_template
 from latentdiff.data.image_sources import open_image_source
 from latentdiff.io.images import save_png_new, to_pil
+from latentdiff.io.text_lines import read_lines
 from latentdiff.metrics.classifier import CifarClassifier, accuracy_report
 from latentdiff.metrics.fid import (
     DEFAULT_CACHE_DIR,
@@ -79,10 +80,9 @@ def file_prompts(path: str | Path, num_samples: int, class_names=CIFAR10_CLASSES
     """Captions from a text file (one per line, blank lines skipped), cycled: samples start, ..., start + N − 1,
     sample i with line i mod (number of lines)."""
     try:
-        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"cannot read captions file {path}: {e}") from None
-    lines = [line for line in lines if line]
+        lines = read_lines(path)
+    except ValueError as e:
+        raise ValueError(f"captions file {path}: {e}") from None
     if not lines:
         raise ValueError(f"captions file {path} holds no caption")
     captions = [lines[i % len(lines)] for i in range(start, start + num_samples)]
@@ -184,6 +184,10 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
                                            steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
                                            seed=settings.seed + settings.start + first,
                                            eta=settings.eta)  # (b, 3, H, W)
+            bad = [p.seed for p, ok in zip(params, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
+            if bad:  # a NaN image would be scored as a black one: stop instead
+                raise ValueError(f"images with seeds {bad} have NaN or inf pixels even decoded in float32; the "
+                                 "evaluation stops (try --precision fp32 or bf16)")
             images = quantize(images)
             for im, p in zip(to_pil(images), params):
                 paths.append(save_png_new(im, folder, p.to_text(), first_index=settings.start))

@@ -4,6 +4,7 @@ moving between devices, and the call that turns generated tensors into PIL image
 from __future__ import annotations
 
 import hashlib
+import warnings
 from pathlib import Path
 
 import torch
@@ -90,13 +91,23 @@ class Pipeline:
     def default_scale(self) -> float:
         return self.config.guidance_scale
 
-    def __call__(self, prompt, **kwargs) -> list[Image.Image]:
-        """PIL images of :meth:`generate`, each with its ``parameters`` text in ``info``."""
+    def __call__(self, prompt, **kwargs) -> list[Image.Image | None]:
+        """PIL images of :meth:`generate`, each with its ``parameters`` text in ``info``. An image whose pixels
+        are not finite (NaN or inf even when decoded in float32) is None, with a warning naming its seed: it is
+        never turned into a black or garbage picture."""
         images, params = self.generate(prompt, **kwargs)
-        pil = to_pil(images)
-        for im, p in zip(pil, params):
+        finite = torch.isfinite(images).flatten(1).all(1).tolist()
+        pil = to_pil(torch.nan_to_num(images))
+        out: list[Image.Image | None] = []
+        for im, p, ok in zip(pil, params, finite):
+            if not ok:
+                warnings.warn(f"image with seed {p.seed} has NaN or inf pixels even decoded in float32; not returned "
+                              "(try another seed, fp32 or bf16 precision)", stacklevel=2)
+                out.append(None)
+                continue
             im.info["parameters"] = p.to_text()
-        return pil
+            out.append(im)
+        return out
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
@@ -106,6 +117,50 @@ def file_sha256(path: str | Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# generate()'s arguments and the types each accepts (None: the model's default, where the signature allows it)
+_ARG_TYPES = {"steps": (int, "an integer"), "seed": (int, "an integer"), "height": (int, "an integer"),
+              "width": (int, "an integer"), "num_images_per_prompt": (int, "an integer"),
+              "scale": ((int, float), "a number"), "eta": ((int, float), "a number"),
+              "strength": ((int, float), "a number"), "truncation": ((int, float), "a number"),
+              "sampler": (str, "a string"), "clip_skip": (int, "an integer")}
+
+
+def check_arg_types(**values) -> None:
+    """TypeError naming the argument for a value of the wrong type (``steps="10"``, ``height=32.0``); bools are
+    not numbers here. ``prompt``/``negative_prompt``: a string or a list of strings. None passes (a default)."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name in ("prompt", "negative_prompt", "seeds"):
+            kind = int if name == "seeds" else str
+            items = [value] if isinstance(value, kind) and name != "seeds" else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                                for v in items):
+                what = "a list of integers" if name == "seeds" else "a string or a list of strings"
+                raise TypeError(f"{name} must be {what}, got {value!r:.80}")
+            continue
+        types, what = _ARG_TYPES[name]
+        if isinstance(value, bool) or not isinstance(value, types):
+            raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.80}")
+
+
+def decode_finite(decode, z: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """``decode(z)`` as float32 images (N, 3, H, W); images that come out with NaN or inf in a half precision
+    (fp16 overflow) are decoded again with ``module`` in float32. An image still not finite is left as it is: the
+    caller must not write it (:meth:`Pipeline.__call__` gives None for it)."""
+    images = decode(z).float()
+    bad = ~torch.isfinite(images).flatten(1).all(1)  # (N,)
+    dtype = next(module.parameters()).dtype
+    if bad.any() and dtype != torch.float32:
+        module.float()  # fp16/bf16 -> fp32 -> back is exact, so the weights come back unchanged
+        try:
+            again = z[bad].float() if z.is_floating_point() else z[bad]  # latents in fp32; codes as they are
+            images[bad] = decode(again).float()
+        finally:
+            module.to(dtype)
+    return images
 
 
 def check_output_type(output_type: str) -> None:

@@ -37,7 +37,7 @@ from latentdiff.io.images import GenerationParams
 from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.transformer import VQDiffusionTransformer
 from latentdiff.models.vqvae import VQAutoencoder
-from latentdiff.pipelines.base import Pipeline, check_output_type
+from latentdiff.pipelines.base import Pipeline, check_arg_types, check_output_type, decode_finite
 
 SAMPLER_NAME = "VQ-Diffusion"
 
@@ -140,6 +140,9 @@ class VQDiffusionPipeline(Pipeline):
         codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0; so do ``init_image`` (must be
         None: img2img needs a latent-diffusion model) and ``strength``.
         """
+        check_arg_types(prompt=prompt, negative_prompt=negative_prompt, steps=steps, scale=scale, seed=seed,
+                        height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                        truncation=truncation, eta=eta, strength=strength)
         if init_image is not None:
             raise ValueError("img2img needs a latent-diffusion model; this is a VQ-Diffusion model (no init_image)")
         check_output_type(output_type)
@@ -190,4 +193,4 @@ class VQDiffusionPipeline(Pipeline):
                   for i, p in enumerate(prompts)]
         if output_type == "latent":
             return codes.view(N, S, S), params
-        return self.vqvae.decode_codes(codes.view(N, S, S)).float(), params  # (N, 3, H, W)
+        return decode_finite(self.vqvae.decode_codes, codes.view(N, S, S), self.vqvae), params  # (N, 3, H, W)

@@ -129,9 +129,10 @@ _ARG_TYPES = {"steps": (int, "an integer"), "seed": (int, "an integer"), "height
 
 def check_arg_types(**values) -> None:
     """TypeError naming the argument for a value of the wrong type (``steps="10"``, ``height=32.0``); bools are
-    not numbers here. ``prompt``/``negative_prompt``: a string or a list of strings. None passes (a default)."""
+    not numbers here. ``prompt``/``negative_prompt``: a string or a list of strings. None passes (a default), except
+    for ``prompt``."""
     for name, value in values.items():
-        if value is None:
+        if value is None and name != "prompt":
             continue
         if name in ("prompt", "negative_prompt", "seeds"):
             kind = int if name == "seeds" else str

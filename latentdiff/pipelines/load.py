@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,12 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
     (``prediction_type``, ``use_ema``, ``overrides``, ``dtype`` of the weights).
     Raises :class:`~latentdiff.io.checkpoint.CheckpointError` (a ``ValueError``) with a clear message.
     """
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or a path, got {type(path).__name__} {path!r:.80}")
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {type(dtype).__name__} {dtype!r:.80}")
+    if device is not None and (isinstance(device, bool) or not isinstance(device, (str, int, torch.device))):
+        raise TypeError(f"device must be a str, an index or a torch.device, got {type(device).__name__} {device!r:.80}")
     if path is None or (isinstance(path, str) and path in EMBEDDED_MODELS):
         path = EMBEDDED_MODELS[path or "default"]
         if not path.is_file():

@@ -14,6 +14,11 @@ Types (``TextEncoderConfig.type``):
 
 All share the CLIP BPE vocabulary through :class:`~latentdiff.models.tokenizer.Tokenizer`.
 ``layer="penultimate"`` runs every block but the last and then the final LayerNorm, as Stable Diffusion 2 does.
+
+``clip_skip`` (``encoder(tokens, clip_skip=2)``, AUTOMATIC1111's "Clip skip") counts from that output layer: 1 is
+the configured layer, N stops N - 1 blocks earlier, always followed by the final LayerNorm. Weighted and long
+prompts (``(word:1.3)``, ``BREAK``, chunks of context_length - 2 tokens) are encoded by
+:func:`latentdiff.models.prompt_encoding.encode_prompt_batches`.
 """
 
 from __future__ import annotations
@@ -50,12 +55,27 @@ class TextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def max_clip_skip(self) -> int:
+        """The largest valid ``clip_skip``: the number of blocks run for the configured output layer."""
+        return self.cfg.layers - (self.cfg.layer == "penultimate")
+
+    def blocks_skipped(self, clip_skip: int) -> int:
+        """How many of the last blocks ``clip_skip`` leaves out (the configured layer's, plus clip_skip - 1);
+        ValueError unless clip_skip is an integer in [1, max_clip_skip]."""
+        if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or (
+                clip_skip != 1 and not 1 <= clip_skip <= self.max_clip_skip):
+            raise ValueError(f"clip_skip={clip_skip!r} must be an integer from 1 to {max(self.max_clip_skip, 1)} "
+                             f"(this text encoder has {self.cfg.layers} blocks, output layer {self.cfg.layer!r})")
+        return clip_skip - 1 + (self.cfg.layer == "penultimate")
+
     def tokenize(self, prompts: str | list[str]) -> torch.Tensor:
         return self.tokenizer(prompts)  # (B, L)
 
-    def encode(self, prompts: str | list[str]) -> torch.Tensor:
-        """Prompts -> hidden states (B, L, width) on the module's device and in its dtype."""
-        return self(self.tokenize(prompts).to(self.device))
+    def encode(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
+        """Prompts -> hidden states (B, L, width) on the module's device and in its dtype; longer prompts are cut
+        to L tokens (:func:`~latentdiff.models.prompt_encoding.encode_prompt_batches` keeps them whole)."""
+        return self(self.tokenize(prompts).to(self.device), clip_skip=clip_skip)
 
     def unconditional(self, batch_size: int = 1) -> torch.Tensor:
         """The empty prompt's hidden states, encode([""]), repeated: (batch_size, L, width) for guidance."""
@@ -107,7 +127,8 @@ class TrainableTextEncoder(TextEncoder):
     """A CLIP-shaped causal text transformer trained from scratch with the diffusion model.
 
     Token embedding + learned positions, ``layers`` pre-LN blocks with a causal mask (token i sees tokens <= i,
-    as in CLIP), final LayerNorm. ``layer="penultimate"`` skips the last block (it then gets no gradient).
+    as in CLIP), final LayerNorm. ``layer="penultimate"`` skips the last block (it then gets no gradient), and
+    ``clip_skip`` N skips N - 1 more.
     """
 
     def __init__(self, cfg: TextEncoderConfig, pad_token: int = 0):
@@ -134,13 +155,13 @@ class TrainableTextEncoder(TextEncoder):
             for linear in (block.qkv, block.proj, block.mlp[0], block.mlp[2]):
                 nn.init.zeros_(linear.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens (B, L) -> hidden states (B, L, width)."""
         self._check_tokens(tokens)
+        skipped = self.blocks_skipped(clip_skip)
         B, L = tokens.shape
         x = self.token_embedding(tokens) + self.positional_embedding[:L]  # (B, L, W)
         mask = self.causal_mask[:L, :L].unsqueeze(0)  # (1, L, L), True = may attend
-        blocks = self.blocks[:-1] if self.cfg.layer == "penultimate" else self.blocks
-        for block in blocks:
+        for block in self.blocks[:len(self.blocks) - skipped]:
             x = block(x, mask)  # (B, L, W)
         return self.ln_final(x)  # (B, L, W)

@@ -152,7 +152,9 @@ class _TextModelHolder(nn.Module):
 
 class CLIPTextEncoder(TextEncoder):
     """transformers ``CLIPTextModel``; ``last`` = last_hidden_state, ``penultimate`` = final_layer_norm of the
-    second-to-last hidden state (what diffusers' SD 2 text encoders compute)."""
+    second-to-last hidden state (what diffusers' SD 2 text encoders compute). ``clip_skip`` N > 1 with ``last`` is
+    final_layer_norm(hidden_states[-N]), as AUTOMATIC1111 computes it ("Clip skip"); with ``penultimate``
+    hidden_states[-N - 1]."""
 
     def __init__(self, cfg: TextEncoderConfig, pad_token: int):
         super().__init__(cfg, pad_token)
@@ -166,14 +168,15 @@ class CLIPTextEncoder(TextEncoder):
             _check_same(cfg, wanted, model.config, cfg.pretrained)
         self.transformer = _TextModelHolder(getattr(model, "text_model", model))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens (B, L) -> hidden states (B, L, width)."""
         self._check_tokens(tokens)
+        skipped = self.blocks_skipped(clip_skip)
         text_model = self.transformer.text_model
-        if self.cfg.layer == "last":
+        if skipped == 0:
             return text_model(input_ids=tokens).last_hidden_state  # (B, L, W)
         hidden = text_model(input_ids=tokens, output_hidden_states=True).hidden_states  # (embeddings, layer 1..N)
-        return text_model.final_layer_norm(hidden[-2])  # (B, L, W)
+        return text_model.final_layer_norm(hidden[-1 - skipped])  # (B, L, W)
 
 
 def _check_same(cfg: TextEncoderConfig, wanted, found, source: str) -> None:
@@ -282,7 +285,8 @@ def _openclip_checkpoint(cfg: TextEncoderConfig) -> Path:
 class OpenCLIPTextEncoder(TextEncoder):
     """The OpenCLIP text tower (``self.model``: token_embedding, positional_embedding, transformer, ln_final,
     text_projection, attn_mask). ``penultimate`` runs every residual block but the last, then ln_final, as Stable
-    Diffusion 2's FrozenOpenCLIPEmbedder does; ``last`` is ln_final of the full stack.
+    Diffusion 2's FrozenOpenCLIPEmbedder does; ``last`` is ln_final of the full stack; ``clip_skip`` N leaves out
+    N - 1 more blocks.
 
     ``pretrained=None`` builds the tower from ``cfg`` (width/layers/heads/...; the defaults of a ViT-H-14 config
     give ViT-H-14's tower). With an open_clip tag the tower of ``cfg.openclip_model`` is built, checked against
@@ -319,16 +323,16 @@ class OpenCLIPTextEncoder(TextEncoder):
                              f"{'; '.join(shapes[:5])}")
         self.model.load_state_dict(tower)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
         """tokens (B, L) -> hidden states (B, L, width)."""
         self._check_tokens(tokens)
+        skipped = self.blocks_skipped(clip_skip)
         B, L = tokens.shape
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding[:L]  # (B, L, W)
         mask = m.attn_mask[:L, :L].to(x.dtype)  # (L, L) additive, -inf above the diagonal
         blocks = m.transformer.resblocks
-        if self.cfg.layer == "penultimate":
-            blocks = blocks[:-1]
+        blocks = blocks[:len(blocks) - skipped]
         batch_first = getattr(m.transformer, "batch_first", False)  # older open_clip runs (L, B, W)
         if not batch_first:
             x = x.transpose(0, 1)  # (L, B, W)

@@ -18,6 +18,7 @@ from latentdiff.config import TextEncoderConfig
 
 START_TOKEN = 49406  # <|startoftext|>
 END_TOKEN = 49407  # <|endoftext|>
+COMMA_TOKEN = 267  # ",</w>"
 
 
 @lru_cache(maxsize=1)
@@ -73,9 +74,15 @@ class Tokenizer:
                 warnings.warn(f'prompt truncated to {self.context_length} tokens; dropped: "{dropped}"',
                               stacklevel=2)
                 bpe = bpe[:keep]
-            row = [START_TOKEN, *bpe, END_TOKEN]
-            rows.append(row + [self.pad_token] * (self.context_length - len(row)))
+            rows.append(self.wrap(bpe))
         return torch.tensor(rows, dtype=torch.long).reshape(len(prompts), self.context_length)  # (B, L)
+
+    def wrap(self, bpe) -> list[int]:
+        """BPE ids (at most context_length - 2) -> one row ``[START, bpe..., END, pad...]`` of context_length ids."""
+        if len(bpe) > self.context_length - 2:
+            raise ValueError(f"{len(bpe)} tokens do not fit a row of {self.context_length} with start and end")
+        row = [START_TOKEN, *bpe, END_TOKEN]
+        return row + [self.pad_token] * (self.context_length - len(row))
 
     @staticmethod
     def lengths(ids: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ LAYERS = [
     ("latentdiff.data",),
     ("latentdiff.pipelines",),
     ("latentdiff.training", "latentdiff.metrics"),
-    ("latentdiff.cli",),
+    ("latentdiff.cli", "latentdiff.serve"),
     ("latentdiff", "latentdiff.__main__"),
 ]
 

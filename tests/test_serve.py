@@ -377,3 +377,34 @@ def test_fuzz_bad_requests_get_a_4xx_with_a_message_and_one_log_line(server, cap
         assert r.status_code == 200 and len(r.json()["images"]) == 1
         r = client.post(I2I, json={**GOOD, "init_images": ["data:image/png;base64," + png_b64()]})
         assert r.status_code == 200 and len(r.json()["images"]) == 1
+
+
+def test_out_of_memory_and_nan_images_are_answered_and_the_server_runs_on(server, monkeypatch, caplog):
+    """Out of memory: 503 naming what to ask for instead (not a 500), and the next request succeeds; an image
+    with NaN pixels is left out of the response (logged), never sent as a black PNG."""
+    pipe = server.service.models.current.pipe
+    generate = type(pipe).generate
+
+    def oom(self, *args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(type(pipe), "generate", oom)
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "seed": 1}, timeout=60)
+    assert r.status_code == 503 and "out of memory" in r.json()["detail"] and "fewer images" in r.json()["detail"]
+
+    def nan_first(self, *args, **kwargs):
+        images, params = generate(self, *args, **kwargs)
+        images = images.clone()  # an inference tensor: changed on a copy
+        images[0] = float("nan")
+        return images, params
+
+    monkeypatch.setattr(type(pipe), "generate", nan_first)
+    with caplog.at_level(logging.WARNING, logger="latentdiff.serve"):
+        r = httpx.post(f"{server.url}/sdapi/v1/txt2img", timeout=60,
+                       json={"prompt": PROMPT, "steps": 2, "seed": 7, "batch_size": 2, "do_not_save_grid": True})
+    assert r.status_code == 200 and len(r.json()["images"]) == 1
+    kept = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+    assert "Seed: 8" in kept.info["parameters"] and any("seed 7 has NaN" in m for m in caplog.messages)
+    monkeypatch.setattr(type(pipe), "generate", generate)
+    r = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={"prompt": PROMPT, "steps": 2, "seed": 1}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["images"]) == 1

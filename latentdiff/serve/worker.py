@@ -157,6 +157,17 @@ class Worker:
                     break
         except ValueError as e:  # plan_job checks everything generate() checks; this is a safety net
             error = RequestError(str(e))
+        except (MemoryError, RuntimeError) as e:
+            if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+                log.exception("generation failed")
+                error = e
+            else:  # the server runs on; the client learns what to ask for instead
+                log.warning("out of memory: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                error = RequestError("out of memory on the server for this request (and any batched with it): ask "
+                                     "for fewer images per request (batch_size x n_iter), a smaller width x "
+                                     "height, or retry later", status=503)
         except Exception as e:  # a fault of the server, not of the client: 500, and the worker runs on
             log.exception("generation failed")
             error = e
@@ -206,8 +217,12 @@ class Worker:
             for (job, _), image, p in zip(items, images, params):
                 job.results.append((image, p))
             return False
-        for (job, _), image, p in zip(items, images, params):
-            job.results.append((image, p))
+        finite = torch.isfinite(images).flatten(1).all(1).tolist()
+        for (job, _), image, p, ok in zip(items, images, params, finite):
+            if ok:
+                job.results.append((image, p))
+            else:  # never a black or garbage PNG: the image is left out
+                log.warning("image with seed %d has NaN or inf pixels even decoded in float32: left out", p.seed)
         return True
 
     # -- progress ----------------------------------------------------------------------------------------------

@@ -142,6 +142,27 @@ class VQVAEObjectiveConfig(_AutoencoderLossConfig):
 
 
 @dataclass
+class LoRAConfig:
+    """LoRA fine-tuning (Hu et al. 2021) of a loaded model (``init_from``): only the adapters train, the model's own
+    weights stay as loaded. ``targets`` picks the layers: an ``nn.Linear``/``nn.Conv2d`` is adapted when one of them
+    is a dotted part of its name (our names: ``to_q``, ``attn2``, ``ff``, ``proj_in``, ``in_layers``,
+    ``skip_connection``; CLIP's ``self_attn``, ``q_proj``, ``mlp``, ``fc1``). The default is kohya's LoRA: the
+    U-Net's transformers (attention, feed-forward, proj_in/out) and, with ``text_encoder``, CLIP's attention and
+    MLPs. ``alpha`` null = ``rank`` (factor α / r = 1). The run also writes ``lora.safetensors`` (kohya format)."""
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: list[str] = field(default_factory=lambda: ["attn1", "attn2", "ff", "proj_in", "proj_out",
+                                                        "self_attn", "mlp"])
+    text_encoder: bool = False  # also adapt the text encoder (a CLIP one: its layers have kohya names)
+
+    def __post_init__(self):
+        check_positive("objective.lora.rank", self.rank)
+        check(self.alpha is None or self.alpha > 0, f"objective.lora.alpha={self.alpha!r} must be > 0")
+        check(len(self.targets) > 0, "objective.lora.targets must not be empty")
+
+
+@dataclass
 class LatentDiffusionObjectiveConfig:
     """Latent diffusion loss: ε/v/x0 MSE on the latents of a frozen autoencoder (caption dropout for
     classifier-free guidance is ``data.caption_dropout``)."""
@@ -156,8 +177,11 @@ class LatentDiffusionObjectiveConfig:
     sample_sampler: str = "ddim"
     sample_scale: float = 3.0
     sample_seed: int = 0
+    lora: LoRAConfig | None = None  # LoRA fine-tuning of init_from's model; train_text_encoder is then unused
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = from_dict(LoRAConfig, self.lora, "objective.lora")
         check(self.type == "latent_diffusion", f"objective.type={self.type!r} must be 'latent_diffusion'")
         check(self.min_snr_gamma is None or self.min_snr_gamma > 0,
                f"objective.min_snr_gamma={self.min_snr_gamma!r} must be > 0")
@@ -238,6 +262,8 @@ class TrainConfig:
         check(self.sample_every >= 0, f"sample_every={self.sample_every!r} must be >= 0")
         check(self.init_from is None or isinstance(self.init_from, str),
                f"init_from={self.init_from!r} must be a model file path or null")
+        check(getattr(self.objective, "lora", None) is None or self.init_from is not None,
+              "objective.lora fine-tunes a trained model: set init_from to its model file")
         check_choice("precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
         check(self.device in ("auto", "cpu", "cuda"), f"device={self.device!r} is not one of ['auto', 'cpu', 'cuda']")
 

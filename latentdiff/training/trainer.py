@@ -222,13 +222,15 @@ class Trainer:
         self.dist.barrier()
 
     def export(self) -> Path:
-        """Write ``model.safetensors`` (EMA weights when enabled), readable by ``load_pipeline``/``load_model_file``."""
+        """Write ``model.safetensors`` (EMA weights when enabled), readable by ``load_pipeline``/``load_model_file``,
+        and the objective's other exports (a LoRA run's ``lora.safetensors``)."""
         path = self.outdir / "model.safetensors"
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
             model_cfg, modules = self.objective.export()
             save_model_file(path, model_cfg, modules, overwrite=True,
                             extra_metadata={"name": self.outdir.name, "step": str(self.step),
                                             "ema": str(self.ema is not None).lower()})
+            self.objective.export_files(self.outdir)
         return path
 
     # -- the loop -----------------------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ class Objective(nn.Module):
         """(model config, component -> module) for ``save_model_file``, with the current weights."""
         raise NotImplementedError
 
+    def export_files(self, outdir) -> list:
+        """Files written beside the exported model in ``outdir`` (a LoRA run's adapters); returns their paths."""
+        return []
+
     def init_from_file(self, path: str) -> list[str]:
         """Fine-tuning (``init_from``): load the components of the model file ``path`` into the networks that
         :meth:`export` names, matched by component name, so a file of the same kind fits, and so does a larger one

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -38,10 +39,14 @@ from latentdiff.diffusion.gaussian import sample_timesteps, training_losses
 from latentdiff.diffusion.samplers import SAMPLERS
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.checkpoint import CheckpointError, load_into, load_model_file
+from latentdiff.io.lora import kohya_state_dict, layer_names, save_kohya_lora
 from latentdiff.models.autoencoder_kl import AutoencoderKL
+from latentdiff.models.lora import add_lora, merged_state_dict, new_lora_weights, target_layers
 from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.unet import UNetModel
 from latentdiff.training.objectives import Objective, check_model_config, freeze, register_objective
+
+LORA_NAME = "trained"  # the adapter name of a LoRA run inside the LoRA layers
 
 
 class LatentDiffusionObjective(Objective):
@@ -73,9 +78,44 @@ class LatentDiffusionObjective(Objective):
             load_into(self.autoencoder, ae_state, f"autoencoder of {ae_source}")
         self.frozen["autoencoder"] = self.autoencoder
         self.trainable = {"unet": self.unet}
-        self.add_text_encoder(self.text_encoder, cfg.train_text_encoder, model_cfg.text_encoder.layer)
+        if cfg.lora is not None and cfg.lora.text_encoder and model_cfg.text_encoder.type != "clip":
+            raise ValueError(f"objective.lora.text_encoder needs a CLIP text encoder (kohya names its layers), not "
+                             f"{model_cfg.text_encoder.type!r}")
+        self.text_grad = cfg.train_text_encoder if cfg.lora is None else cfg.lora.text_encoder
+        self.add_text_encoder(self.text_encoder, cfg.train_text_encoder and cfg.lora is None,
+                              model_cfg.text_encoder.layer)
+        self.init_source = None  # the init_from file (a LoRA run's base model)
         self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
         self.scale_from_file = False  # set by init_from: keep that model's latent scale s
+
+    def init_from_file(self, path: str) -> list[str]:
+        """Load the model of ``path``; a LoRA run then adds its adapters, the only weights it trains."""
+        loaded = super().init_from_file(path)
+        self.init_source = path
+        if self.cfg.lora is not None:
+            self._add_lora(self.cfg.lora)
+        return loaded
+
+    def _add_lora(self, cfg) -> None:
+        """Freeze the loaded networks and add a fresh adapter (B = 0, so the model starts as loaded) to every layer
+        that ``cfg.targets`` names; the adapters become the one trainable module, ``lora``."""
+        self.unet.requires_grad_(False)
+        adapters = {}
+        for component, module in self.lora_modules().items():
+            chosen = {n: m for n, m in target_layers(module).items() if set(n.split(".")) & set(cfg.targets)}
+            if not chosen:
+                raise ValueError(f"objective.lora.targets={cfg.targets} name no layer of the {component}")
+            for name, layer in chosen.items():
+                down, up = new_lora_weights(layer, cfg.rank)
+                adapters[f"{component}.{name}"] = add_lora(module, name, LORA_NAME, down, up, cfg.alpha)
+        self.trainable = {"lora": LoRAParameters(adapters)}
+        self.ema_names = ("lora",)
+        self.find_unused_parameters = cfg.text_encoder and self.model_cfg.text_encoder.layer == "penultimate"
+
+    def lora_modules(self) -> dict[str, torch.nn.Module]:
+        """The networks a LoRA run adapts."""
+        text = self.cfg.lora is not None and self.cfg.lora.text_encoder
+        return {"unet": self.unet, **({"text_encoder": self.text_encoder} if text else {})}
 
     def adopt_file_config(self, file_cfg) -> None:
         """Fine-tuning keeps the latent scale s (and shift) the initialising model was trained with."""
@@ -113,7 +153,7 @@ class LatentDiffusionObjective(Objective):
     def forward(self, batch: dict, step: int):
         z0 = self.latents(batch)  # (B, C, h, w)
         B = z0.shape[0]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.train_text_encoder):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_grad):
             context = self.text_encoder.encode(list(batch["caption"]))  # (B, L, D), step 2
         schedule = self._schedule_on(z0.device)
         t = sample_timesteps(B, schedule.num_timesteps, device=z0.device)  # step 3
@@ -143,8 +183,21 @@ class LatentDiffusionObjective(Objective):
                                    autoencoder=dataclasses.replace(self.autoencoder.cfg))
 
     def export(self):
-        return self.export_config(), {"unet": self.unet, "autoencoder": self.autoencoder,
-                                      "text_encoder": self.text_encoder}
+        """The model; after a LoRA run, with the adapters merged into the weights (state dicts)."""
+        modules = {"unet": self.unet, "autoencoder": self.autoencoder, "text_encoder": self.text_encoder}
+        if "lora" in self.trainable:
+            modules = {name: merged_state_dict(m) for name, m in modules.items()}
+        return self.export_config(), modules
+
+    def export_files(self, outdir: Path) -> list[Path]:
+        """A LoRA run's adapters as ``lora.safetensors`` in kohya's format (diffusers' ``load_lora_weights``,
+        AUTOMATIC1111 and ``pipe.load_lora`` read it)."""
+        if "lora" not in self.trainable:
+            return []
+        cfg = self.cfg.lora
+        tensors = kohya_state_dict(self.lora_modules(), LORA_NAME, layer_names(self.unet, self.text_encoder))
+        meta = {"ss_sd_model_name": Path(self.init_source).name, "ss_network_args": {"targets": cfg.targets}}
+        return [save_kohya_lora(Path(outdir) / "lora.safetensors", tensors, meta, overwrite=True)]
 
     def extra_state(self) -> dict:
         return {"scaling_factor": float(self.autoencoder.cfg.scaling_factor)}
@@ -152,6 +205,15 @@ class LatentDiffusionObjective(Objective):
     def load_extra_state(self, state: dict) -> None:
         if "scaling_factor" in state:
             self.autoencoder.cfg.scaling_factor = float(state["scaling_factor"])
+
+
+class LoRAParameters(torch.nn.Module):
+    """The adapters of a LoRA run as one module (what is optimised, averaged and checkpointed): ``adapters`` maps
+    ``{component}.{layer}`` (dots as ``/``) to the :class:`~latentdiff.models.lora.LoRA` inside that layer."""
+
+    def __init__(self, adapters: dict[str, torch.nn.Module]):
+        super().__init__()
+        self.adapters = torch.nn.ModuleDict({k.replace(".", "/"): v for k, v in adapters.items()})
 
 
 def _read_autoencoder(path: str):

@@ -27,12 +27,15 @@ SD1_OVERRIDES = ["unet.num_heads=8"]
 SD2_OVERRIDES = ["unet.num_head_channels=8"]
 
 
-def diffusers_unet(sd2: bool, seed: int = 0):
+def diffusers_unet(sd2: bool, seed: int = 0, in_channels: int = 4):
+    """A diffusers U-Net shaped like SD 1 or SD 2's; ``in_channels=9`` makes an inpainting U-Net (latents, mask and
+    masked-image latents)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=2,
+        sample_size=LATENT, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64, 64),
+        layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=TEXT_WIDTH, norm_num_groups=32,

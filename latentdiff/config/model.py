@@ -182,9 +182,10 @@ class LatentDiffusionConfig:
         check_choice("sampler", self.sampler, SAMPLER_NAMES)
         check(1 <= self.steps <= self.schedule.num_timesteps,
                f"steps={self.steps!r} must be between 1 and schedule.num_timesteps={self.schedule.num_timesteps}")
-        check(self.unet.in_channels == self.autoencoder.embed_dim,
-               f"unet.in_channels={self.unet.in_channels} must equal "
-               f"autoencoder.embed_dim={self.autoencoder.embed_dim}")
+        C = self.autoencoder.embed_dim  # an inpainting U-Net also takes the mask and the masked image's latents
+        check(self.unet.in_channels in (C, 2 * C + 1),
+               f"unet.in_channels={self.unet.in_channels} must equal autoencoder.embed_dim={C} "
+               f"(or 2 * {C} + 1 = {2 * C + 1} for an inpainting U-Net)")
         check(self.unet.context_dim == self.text_encoder.width,
                f"unet.context_dim={self.unet.context_dim} must equal text_encoder.width={self.text_encoder.width}")
         factor = self.autoencoder.downsample_factor * self.unet.downsample_factor

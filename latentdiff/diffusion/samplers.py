@@ -32,6 +32,7 @@ from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.diffusion.timesteps import SPACINGS, run_sigmas, spaced_timesteps
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
+StepHook = Callable[[int, torch.Tensor], torch.Tensor]  # (i, x_{t_{i+1}} in the VP scale) -> replacement
 Generators = torch.Generator | list[torch.Generator] | None  # one stream, or one per batch row
 
 
@@ -48,6 +49,7 @@ class SamplerOptions:
     callback: Callback | None = None
     model_kwargs: dict | None = None
     start_step: int | None = None  # None: x_T is pure noise; k: x_T is x_{t_k} (img2img), k steps skipped
+    step_hook: StepHook | None = None  # replaces the sample after each step (inpainting's blend)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -130,6 +132,8 @@ def ddpm(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOpt
         x = coef_x0[i] * x0 + coef_xt[i] * x
         if i < n - 1:
             x = x + std[i] * _randn(x, opts.generator)
+        if opts.step_hook is not None:
+            x = opts.step_hook(i, x)
         if opts.callback is not None:
             opts.callback(i, n, x, x0)
     return x.to(x_T.dtype)
@@ -155,6 +159,8 @@ def ddim(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: SamplerOpt
         x = sqrt_ac_prev[i] * x0 + direction[i] * eps
         if sigma[i] > 0:
             x = x + sigma[i] * _randn(x, opts.generator)
+        if opts.step_hook is not None:
+            x = opts.step_hook(i, x)
         if opts.callback is not None:
             opts.callback(i, n, x, x0)
     return x.to(x_T.dtype)
@@ -193,6 +199,8 @@ def dpmpp_2m(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sample
         if c_prev[i] != 0.0:
             x = x + c_prev[i] * m_prev
         m_prev = m
+        if opts.step_hook is not None:
+            x = opts.step_hook(i, x)
         if opts.callback is not None:
             opts.callback(i, n, x, m)
     return x.to(x_T.dtype)
@@ -216,7 +224,7 @@ def euler_a(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sampler
     sigma_up = np.sqrt(sigmas_next**2 * (sigmas**2 - sigmas_next**2) / sigmas**2)
     sigma_down = np.sqrt(sigmas_next**2 - sigma_up**2)
     dt_over_sigma = ((sigma_down - sigmas) / sigmas).tolist()
-    vp_scale = (1.0 / np.sqrt(sigmas_next**2 + 1)).tolist()  # x_σ -> x_t, for the callback
+    vp_scale = (1.0 / np.sqrt(sigmas_next**2 + 1)).tolist()  # x_σ -> x_t, for the callback and the step hook
     noised = opts.start_step is not None  # x_T is x_{t_k} in the VP scale, not pure noise
     init = math.sqrt(sigmas[k] ** 2 + 1) if opts.timestep_spacing == "leading" or noised else float(sigmas[0])
     denoise = _Denoiser(model, schedule, x_T, ts, 1.0 / (sigmas**2 + 1), opts.model_kwargs,
@@ -227,6 +235,8 @@ def euler_a(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sampler
         x = x + (x - x0) * dt_over_sigma[i]
         if sigma_up[i] > 0:
             x = x + sigma_up[i] * _randn(x, opts.generator)
+        if opts.step_hook is not None:  # the hook works in the VP scale: x_t = x_σ / √(σ_{i+1}² + 1)
+            x = opts.step_hook(i, x * vp_scale[i]) / vp_scale[i]
         if opts.callback is not None:
             opts.callback(i, n, x * vp_scale[i], x0)
     return x.to(x_T.dtype)
@@ -239,7 +249,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, 
 def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str = "ddim", steps: int = 50,
            eta: float = 0.0, generator: Generators = None, timestep_spacing: str = "leading",
            use_karras_sigmas: bool = False, callback: Callback | None = None, model_kwargs: dict | None = None,
-           steps_offset: int = 0, start_step: int | None = None) -> torch.Tensor:
+           steps_offset: int = 0, start_step: int | None = None, step_hook: StepHook | None = None) -> torch.Tensor:
     """Run ``sampler`` from x_T ~ N(0, I) (shape (B, C, H, W), drawn by the caller) and return x0.
 
     ``steps``: 1..T model evaluations. ``eta``: DDIM stochasticity (ddim only). ``generator``: every noise draw
@@ -251,9 +261,12 @@ def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str =
     x_{t_k}, the sample at step k's noise level in the VP scale (:func:`noise_to_step` makes it, also for k = 0),
     and steps - k model evaluations follow, each with the coefficients of the full run (DPM-Solver++ takes a
     first-order step at k).
+    ``step_hook(i, x) -> x`` (inpainting's blend of the known region) replaces the sample after step i (after its
+    noise, before ``callback``): it gets and returns x_{t_{i+1}}, the sample at the next step's noise level in the
+    VP scale (every sampler's, Euler's x_σ divided by √(σ_{i+1}² + 1)), x0 after the last step.
     """
     opts = _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_karras_sigmas, callback,
-                    model_kwargs, steps_offset, start_step)
+                    model_kwargs, steps_offset, start_step, step_hook)
     if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
         raise ValueError("x_T must be a floating-point tensor of shape (B, ...)")
     if isinstance(generator, (list, tuple)) and len(generator) != x_T.shape[0]:
@@ -285,7 +298,7 @@ def noise_to_step(x0: torch.Tensor, noise: torch.Tensor, schedule: DiffusionSche
 
 
 def _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_karras_sigmas, callback, model_kwargs,
-             steps_offset, start_step) -> SamplerOptions:
+             steps_offset, start_step, step_hook=None) -> SamplerOptions:
     """Check the arguments of :func:`sample` (ValueError naming the bad one) and bundle them."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
@@ -305,7 +318,7 @@ def _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_kar
         raise ValueError(f"use_karras_sigmas is only supported by sampler='dpmpp_2m' (got {sampler!r})")
     return SamplerOptions(steps=steps, eta=eta, generator=generator, timestep_spacing=timestep_spacing,
                           steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas, callback=callback,
-                          model_kwargs=model_kwargs, start_step=start_step)
+                          model_kwargs=model_kwargs, start_step=start_step, step_hook=step_hook)
 
 
 def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]:

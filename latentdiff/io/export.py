@@ -187,8 +187,13 @@ def diffusers_files(cfg: LatentDiffusionConfig, parts: Parts) -> dict[str, dict 
                  "sample_size": cfg.image_size // cfg.autoencoder.downsample_factor}
     vae_json = {"_class_name": "AutoencoderKL", **autoencoder_config_to_diffusers(cfg.autoencoder),
                 "sample_size": cfg.image_size}
+    index = MODEL_INDEX
+    if cfg.unet.in_channels == 2 * cfg.autoencoder.embed_dim + 1:  # an inpainting U-Net (mask, masked latents)
+        # diffusers loads these with its inpainting pipeline, which reads the folder's format version (it refuses
+        # the 4-channel inpainting folders of diffusers <= 0.5.1)
+        index = {**MODEL_INDEX, "_class_name": "StableDiffusionInpaintPipeline", "_diffusers_version": "0.30.0"}
     files: dict = {
-        "model_index.json": MODEL_INDEX,
+        "model_index.json": index,
         "unet/config.json": unet_json,
         "unet/diffusion_pytorch_model.safetensors": unet_state_dict_to_diffusers(parts["unet"], cfg.unet),
         "vae/config.json": vae_json,

@@ -11,6 +11,13 @@ a machine shared with other jobs disturbs less than wall-clock time.
     python benchmarks/bench.py
     OMP_NUM_THREADS=2 python benchmarks/bench.py --config small --repeats 7 --steps 50
     python benchmarks/bench.py --config sd15 --device cuda --dtype fp16 --json bench_sd15.json
+    python benchmarks/bench.py --config tiny --compile --steps 50      # adds rows with both sides compiled
+
+With ``--compile`` the rows are repeated with both U-Nets compiled: latentdiff through its fast path
+(latentdiff/pipelines/fast.py, ``torch.compile(forward, mode=..., dynamic=False)``) and diffusers through
+``torch.compile(unet)`` with the same mode, as diffusers documents; the first-call (compile) time of each is
+reported. The compiled rows' ratio is compiled diffusers / compiled latentdiff; "fast/eager" is eager
+latentdiff / compiled latentdiff.
 
 diffusers is a benchmark/test-only dependency (``pip install -e .[dev]``); it is imported here, never by the
 package.
@@ -24,7 +31,7 @@ import statistics
 import sys
 
 import torch
-from timing import time_pair
+from timing import sync, time_pair
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scale", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="seed for weights and inputs")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON to this file")
+    p.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="also time both U-Nets under torch.compile (MODE: default, reduce-overhead, max-autotune)")
     args = p.parse_args(argv)
     for name in ("batch", "repeats"):
         if getattr(args, name) < 1:
@@ -113,6 +122,9 @@ def run(args: argparse.Namespace) -> dict:
     t = torch.full((2 * B,), 500, device=device)
     context = torch.randn(2 * B, length, cfg.context_dim, generator=g).to(device, dtype)  # [uncond; cond]
     calls = {name: (lambda m=m: m(x, t, context)) for name, m in models.items()}
+    variants = [("", models, calls)]
+    if args.compile:
+        variants.append((" compiled", *compiled_models(ours, theirs, args.compile, x, t, context)))
 
     results = {"config": args.config, "unet": vars(cfg), "device": str(device), "dtype": args.dtype,
                "batch": B, "latent": [cfg.in_channels, side, side], "context_length": length,
@@ -124,17 +136,23 @@ def run(args: argparse.Namespace) -> dict:
             for fn in calls.values():
                 fn()
         results["flops"] = {name: count_flops(fn) for name, fn in calls.items()}
-        rows["unet call"], cpu_rows["unet call"], diffs["unet call"] = time_pair("unet call", calls, args.repeats,
-                                                                                   device)
-        if args.steps:
-            schedule = DiffusionSchedule.from_config(ScheduleConfig())  # Stable Diffusion's scaled-linear betas
-            x_T = torch.randn(B, cfg.in_channels, side, side, generator=g).to(device, dtype)
-            cond = {"context": context[B:], "uncond_context": context[:B]}
-            loops = {name: (lambda m=m: sample(classifier_free_guidance(m, args.scale), schedule, x_T, "ddim",
-                                               args.steps, model_kwargs=cond, steps_offset=1))
-                     for name, m in models.items()}
-            row = f"ddim {args.steps} steps"
-            rows[row], cpu_rows[row], diffs[row] = time_pair(row, loops, args.repeats, device)
+        if args.compile:
+            results["compile_s"] = {name: first_call_s(fn, device) for name, fn in variants[1][2].items()}
+        schedule = DiffusionSchedule.from_config(ScheduleConfig())  # Stable Diffusion's scaled-linear betas
+        x_T = torch.randn(B, cfg.in_channels, side, side, generator=g).to(device, dtype)
+        cond = {"context": context[B:], "uncond_context": context[:B]}
+        for suffix, variant_models, variant_calls in variants:
+            for _ in range(args.warmup if suffix else 0):
+                for fn in variant_calls.values():
+                    fn()
+            row = "unet call" + suffix
+            rows[row], cpu_rows[row], diffs[row] = time_pair(row, variant_calls, args.repeats, device)
+            if args.steps:
+                loops = {name: (lambda m=m: sample(classifier_free_guidance(m, args.scale), schedule, x_T, "ddim",
+                                                   args.steps, model_kwargs=cond, steps_offset=1))
+                         for name, m in variant_models.items()}
+                row = f"ddim {args.steps} steps" + suffix
+                rows[row], cpu_rows[row], diffs[row] = time_pair(row, loops, args.repeats, device)
         if device.type == "cuda":
             results["peak_memory_gib"] = {}
             for name, fn in calls.items():
@@ -149,9 +167,35 @@ def run(args: argparse.Namespace) -> dict:
     results["raw_cpu_timings_s"] = cpu_rows
     results["max_abs_diff"] = diffs
     # U-Net calls per row: one, or one per step (on a batch of B instead of 2B when the scale is 1)
-    results["calls_per_row"] = {row: 1.0 if row == "unet call" else args.steps * (0.5 if args.scale == 1 else 1.0)
-                                for row in rows}
+    results["calls_per_row"] = {row: 1.0 if row.startswith("unet call") else
+                                args.steps * (0.5 if args.scale == 1 else 1.0) for row in rows}
     return results
+
+
+def compiled_models(ours, theirs, mode: str, x, t, context) -> tuple[dict, dict]:
+    """(models, calls) as in run(), with latentdiff's U-Net compiled by its fast path (on a copy: the eager one
+    stays eager) and diffusers' by torch.compile, both with ``mode`` and static shapes."""
+    import copy
+
+    from latentdiff.pipelines.fast import CompiledForward
+
+    fast = copy.deepcopy(ours)
+    fast.forward = CompiledForward("latentdiff unet", fast, mode)
+    theirs_compiled = torch.compile(theirs, mode=mode, dynamic=False)
+    models = {"latentdiff": fast,
+              "diffusers": lambda x, t, context: theirs_compiled(x, t, context, return_dict=False)[0]}
+    return models, {name: (lambda m=m: m(x, t, context)) for name, m in models.items()}
+
+
+def first_call_s(fn, device: torch.device) -> float:
+    """Seconds of one call (for a compiled function: the compilation and its first run)."""
+    import time
+
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
 
 
 def print_table(r: dict) -> None:
@@ -173,6 +217,13 @@ def print_table(r: dict) -> None:
         for row, t in r["cpu_timings_s"].items():
             ours, theirs = t["latentdiff"], t["diffusers"]
             print(f"{row:<16}{ours * 1e3:>15.1f}{theirs * 1e3:>15.1f}{theirs / ours:>11.3f}")
+    if "compile_s" in r:
+        c = r["compile_s"]
+        print(f"first compiled call (compile time): latentdiff {c['latentdiff']:.1f} s, "
+              f"diffusers {c['diffusers']:.1f} s")
+        for row in [row for row in r["timings_s"] if row.endswith(" compiled")]:
+            eager, fast = r["timings_s"][row[:-len(" compiled")]]["latentdiff"], r["timings_s"][row]["latentdiff"]
+            print(f"latentdiff fast/eager, {row[:-len(' compiled')]}: {eager / fast:.3f}")
     if "peak_memory_gib" in r:
         mem = r["peak_memory_gib"]
         print(f"peak memory of one call: latentdiff {mem['latentdiff']:.2f} GiB, diffusers {mem['diffusers']:.2f} GiB")

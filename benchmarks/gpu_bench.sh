@@ -21,6 +21,10 @@ log into OUTDIR (created if missing; existing files of the same names are replac
   vae.*             benchmarks/bench_vae.py --size 512 --dtype fp32, then bf16 (KL autoencoder encode/decode)
   load.*            benchmarks/bench_load.py --repeats 2 (SD 1.5 single-file loading: CPU memory and time;
                     only with --only ... load: it writes a 2 GB file to the temporary folder)
+  compile_sd15_bf16.*  benchmarks/bench.py --config sd15 --dtype bf16 --steps 50 --repeats 5 --compile (eager
+                    and torch.compile rows, both sides; only with --only ... compile: minutes of compilation)
+  tiling.*          benchmarks/bench_tiling.py --size 2048 --dtype bf16 --diffusers (tiled VAE decode: peak memory;
+                    only with --only ... tiling)
   gpu_util.log      nvidia-smi dmon samples (5 s) over the whole run, when nvidia-smi exists
   summary.txt       every table above, in order
 
@@ -29,7 +33,8 @@ A failing benchmark is reported and the others still run; the exit status is 1 i
 
 options:
   --device DEV   torch device (default: cuda); cuda must be available unless DEV is cpu
-  --only LIST    comma-separated subset of: unet,sd15,train,vq,vae,load (default: unet,sd15,train,vq,vae)
+  --only LIST    comma-separated subset of: unet,sd15,train,vq,vae,load,compile,tiling
+                 (default: unet,sd15,train,vq,vae)
   --smoke        tiny models, one repeat, outputs named *_tiny.*: checks the script in minutes, e.g. on a
                  CPU: --smoke --device cpu
   -h, --help     show this help and exit
@@ -63,8 +68,8 @@ done
 [ -n "$OUTDIR" ] || die "missing OUTDIR (the folder the results go to)"
 for name in ${ONLY//,/ }; do
     case $name in
-        unet|sd15|train|vq|vae|load) ;;
-        *) die "--only: unknown benchmark '$name' (unet, sd15, train, vq, vae, load)" ;;
+        unet|sd15|train|vq|vae|load|compile|tiling) ;;
+        *) die "--only: unknown benchmark '$name' (unet, sd15, train, vq, vae, load, compile, tiling)" ;;
     esac
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -104,6 +109,9 @@ if [ "$SMOKE" = 1 ]; then
     want vq && bench vq_tiny benchmarks/bench_vq.py --preset tiny "${D[@]}" --dtype fp32 --repeats 1 --skip 4
     want vae && bench vae_tiny benchmarks/bench_vae.py --config tiny --size 32 "${D[@]}" --dtype fp32 --repeats 1 --warmup 0
     want load && bench load_tiny benchmarks/bench_load.py --size tiny --repeats 1
+    want compile && bench compile_tiny benchmarks/bench.py --config tiny "${D[@]}" --dtype fp32 --steps 2 --repeats 1 \
+        --warmup 0 --compile
+    want tiling && bench tiling_tiny benchmarks/bench_tiling.py --config tiny --size 64 --tile 32 "${D[@]}"
 else
     want unet && bench unet_small benchmarks/bench.py --config small "${D[@]}" --dtype fp32 --steps 50 --repeats 9
     if want sd15; then
@@ -118,6 +126,9 @@ else
         bench vae_bf16 benchmarks/bench_vae.py --size 512 "${D[@]}" --dtype bf16 --repeats 5
     fi
     want load && bench load benchmarks/bench_load.py --repeats 2
+    want compile && bench compile_sd15_bf16 benchmarks/bench.py --config sd15 "${D[@]}" --dtype bf16 --batch 1 \
+        --steps 50 --repeats 5 --compile
+    want tiling && bench tiling benchmarks/bench_tiling.py --size 2048 "${D[@]}" --dtype bf16 --diffusers
 fi
 
 : > "$OUTDIR/summary.txt"

@@ -299,7 +299,7 @@ def test_cli_inpaints_and_from_png_asks_for_the_mask(tiny_ldm_file, tmp_path, ca
     ("no-init", "--mask applies only with --init-image"),
     ("unreadable", "--mask"),
     ("blur-no-mask", "--mask-blur applies only with --mask"),
-    ("negative-blur", "--mask-blur must be"),
+    ("negative-blur", "argument --mask-blur: -1 must be >= 0"),
 ])
 def test_cli_bad_mask_input_exits_2(tiny_ldm_file, tmp_path, capsys, case, message):
     src, mask = write_inputs(tmp_path)
@@ -313,5 +313,5 @@ def test_cli_bad_mask_input_exits_2(tiny_ldm_file, tmp_path, capsys, case, messa
         txt2img.main(["a cat", "--ckpt", str(tiny_ldm_file), *args, "--steps", "2", "--outdir", str(out), "--quiet"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1
+    assert message in err.splitlines()[-1] and "Traceback" not in err  # argparse's usage, then one error
     assert not out.exists() or not list(out.glob("*.png"))

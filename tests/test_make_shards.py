@@ -164,7 +164,7 @@ def test_bad_input_exits_2(class_folder, tmp_path, capsys):
         ([str(tmp_path / "missing"), str(tmp_path / "o1")], "does not exist"),
         ([str(root), str(tmp_path / "full")], "not empty"),
         ([str(root), str(tmp_path / "o2"), "--caption-template", "a photo"], "exactly once"),
-        ([str(root), str(tmp_path / "o3"), "--samples-per-shard", "0"], "must be >= 1"),
+        ([str(root), str(tmp_path / "o3"), "--samples-per-shard", "0"], "--samples-per-shard: 0 is below the smallest"),
         ([str(tmp_path / "notes.txt"), str(tmp_path / "o4")], "readable tar archive"),
         ([str(root), str(tmp_path / "o5"), "--class-map", "nonsense"], "folder=name"),
     ]

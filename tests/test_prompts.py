@@ -276,7 +276,7 @@ def test_cli_clip_skip_recorded_and_read_back(two_layer_pipe, tmp_path, capsys):
     assert Image.open(copy).tobytes() == Image.open(source).tobytes()
     capsys.readouterr()
     for value, message in (("3", "--clip-skip: clip_skip=3 must be an integer from 1 to 2"),
-                           ("0", "--clip-skip must be a positive integer")):
+                           ("0", "argument --clip-skip: 0 is below the smallest allowed value, 1")):
         with pytest.raises(SystemExit) as e:
             txt2img.main(["a cat", *common, "--clip-skip", value, "--outdir", str(tmp_path / "bad")])
         assert e.value.code == 2 and message in capsys.readouterr().err

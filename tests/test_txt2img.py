@@ -47,17 +47,17 @@ def test_never_overwrites(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--H", "18"], "height=18 must be a positive multiple of 4"),
-    (["--W", "-4"], "--W must be a positive integer"),
-    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--W", "-4"], "argument --W: -4 is below the smallest allowed value, 1"),
+    (["--steps", "0"], "argument --steps: 0 is below the smallest allowed value, 1"),
     (["--steps", "500"], "--steps must be at most 100"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
-    (["--n_samples", "0"], "--n_samples must be a positive integer"),
+    (["--n_samples", "0"], "argument --n_samples: 0 is below the smallest"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is not supported on the CPU"),
     (["--sampler", "euler_a", "--eta", "0.5", "--steps", "2"], "is only used by sampler='ddim'"),
-    (["--scale", "nan"], "--scale must be a finite number, got nan"),
-    (["--scale", "inf"], "--scale must be a finite number, got inf"),
-    (["--eta", "nan"], "--eta must be a finite number"),
-    (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--scale", "nan"], "argument --scale: 'nan' is not a finite number"),
+    (["--scale", "inf"], "argument --scale: 'inf' is not a finite number"),
+    (["--eta", "nan"], "argument --eta: 'nan' is not a finite number"),
+    (["--batch-size", "0"], "argument --batch-size: 0 is below the smallest"),
 ])
 def test_bad_input_exits_2(ckpt, tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as e:
@@ -270,8 +270,8 @@ def test_from_file_makes_each_lines_images_with_their_own_seeds(ckpt, tmp_path, 
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"\xff\xfe\x00bad")
     cases = [(["--from-file", str(empty)], "has no prompts"),
-             (["--from-file", str(bad)], "not a readable UTF-8 text file"),
-             (["--from-file", str(tmp_path / "missing.txt")], "not a readable UTF-8 text file"),
+             (["--from-file", str(bad)], "not UTF-8 text"),
+             (["--from-file", str(tmp_path / "missing.txt")], "cannot be read"),
              (["a cat", "--from-file", str(prompts)], "cannot be combined with a prompt")]
     for args, message in cases:
         with pytest.raises(SystemExit) as e:

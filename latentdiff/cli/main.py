@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 OOM_HINTS = {
     "txt2img": "a smaller --batch-size, a smaller --H/--W, or --precision fp16/bf16 on a GPU",
     "train": "a smaller data.batch_size with a larger grad_accum (--set data.batch_size=8 --set grad_accum=4), "
-             "precision bf16 or fp16, model.unet.gradient_checkpointing=true, or a smaller data.image_size",
+             "precision bf16 or fp16, gradient_checkpointing=true, or a smaller data.image_size",
     "eval-t2i": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
     "sampler-sweep": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
     "fid": "a smaller --batch-size", "clip-score": "a smaller --batch-size",

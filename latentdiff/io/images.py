@@ -5,7 +5,9 @@ sample grids."""
 from __future__ import annotations
 
 import io
+import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +52,7 @@ class GenerationParams:
     model_hash: str = ""  # AUTOMATIC1111's short hash of the model file: the first 10 hex digits of its SHA-256
     clip_skip: int = 1  # 1 = the text encoder's own output layer; written only when > 1
     loras: tuple = ()  # (name, scale, short hash) of each LoRA applied
+    mask_blur: float | None = None  # inpainting only: the mask's blur in pixels, written even when 0
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -65,10 +68,19 @@ class GenerationParams:
             fields.append(f"Model: {self.model}")
         if self.denoising_strength is not None:
             fields.append(f"Denoising strength: {self.denoising_strength:g}")
+        if self.mask_blur is not None:
+            fields.append(f"Mask blur: {self.mask_blur:g}")
         if self.clip_skip > 1:
             fields.append(f"Clip skip: {self.clip_skip}")
+        if self.loras:  # AUTOMATIC1111: Lora hashes: "name1: hash1, name2: hash2" (quoted: it holds ", ")
+            hashes = ", ".join(f"{name}: {h}" for name, _, h in self.loras)
+            fields.append(f"Lora hashes: {json.dumps(hashes, ensure_ascii=False)}")
         lines.append(", ".join(fields))
         return "\n".join(lines)
+
+
+# One "Key: value" field of the parameters line; a value in double quotes may hold ", " (AUTOMATIC1111's re_param).
+_FIELD = re.compile(r'\s*(\w[\w \-/]+): ("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict[str, str]:
@@ -80,10 +92,14 @@ def parse_parameters(text: str) -> dict[str, str]:
         if line.startswith("Negative prompt: "):
             out["negative_prompt"] = line[len("Negative prompt: "):]
         else:
-            for item in line.split(", "):
-                key, sep, value = item.partition(": ")
-                if sep:
-                    out[key] = value
+            for m in _FIELD.finditer(line):
+                key, value = m.group(1), m.group(2)
+                if value.startswith('"'):
+                    try:
+                        value = json.loads(value)
+                    except ValueError:
+                        pass
+                out[key] = value
     if "Sampler" in out:
         out["Sampler"] = sampler_id(out["Sampler"])
     return out
@@ -147,7 +163,8 @@ def make_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) 
 def png_settings(path: str | Path) -> dict:
     """The settings recorded in the ``parameters`` chunk of a PNG that latentdiff wrote, keyed by txt2img's option
     names: prompt, negative_prompt, steps, sampler (our id when it is one of ours), scale, seed, H, W, eta, model, and
-    where present strength (img2img's ``Denoising strength``), truncation and batch_size/batch_pos (VQ-Diffusion).
+    where present loras (the names in ``Lora hashes``), strength (img2img's ``Denoising strength``), mask_blur
+    (inpainting's ``Mask blur``), clip_skip (``Clip skip``), truncation and batch_size/batch_pos (VQ-Diffusion).
     Raises ValueError with one clear message for an unreadable file, a PNG without that chunk, or a text without
     the Steps and Seed fields (or with a malformed value)."""
     try:
@@ -168,14 +185,16 @@ def png_settings(path: str | Path) -> dict:
         if "Sampler" in fields:
             out["sampler"] = fields["Sampler"]
         for key, name in (("scale", "CFG scale"), ("eta", "Eta"), ("strength", "Denoising strength"),
-                          ("truncation", "Truncation")):
+                          ("truncation", "Truncation"), ("mask_blur", "Mask blur")):
             if name in fields:
                 out[key] = float(fields[name])
         if "Size" in fields:
             out["W"], out["H"] = (int(v) for v in fields["Size"].split("x"))
-        for key, name in (("batch_size", "Batch size"), ("batch_pos", "Batch pos")):
+        for key, name in (("batch_size", "Batch size"), ("batch_pos", "Batch pos"), ("clip_skip", "Clip skip")):
             if name in fields:
                 out[key] = int(fields[name])
     except ValueError as e:
         raise ValueError(f"its 'parameters' text has a malformed value ({e})") from None
+    if "Lora hashes" in fields:  # "name1: hash1, name2: hash2" -> the names
+        out["loras"] = re.findall(r"(.+?): [0-9a-fA-F]+(?:, |$)", fields["Lora hashes"])
     return out

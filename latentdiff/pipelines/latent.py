@@ -19,13 +19,17 @@ from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, no
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.images import GenerationParams
 from latentdiff.models.autoencoder_kl import AutoencoderKL
+from latentdiff.models.prompt_encoding import encode_prompt_batches
 from latentdiff.models.text_encoders import build_text_encoder
 from latentdiff.models.unet import UNetModel
-from latentdiff.pipelines.base import Pipeline, broadcast_negative, check_output_type
+from latentdiff.pipelines.base import Pipeline, broadcast_negative, check_arg_types, check_output_type, decode_finite
+from latentdiff.pipelines.fast import FastPathMixin
 from latentdiff.pipelines.init_image import fitted_size, image_to_tensor, start_step
+from latentdiff.pipelines.inpaint import check_mask_blur, inpainting, is_inpainting_unet, mask_to_tensor
+from latentdiff.pipelines.lora import LoRAMixin
 
 
-class LatentDiffusionPipeline(Pipeline):
+class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
     """Text encoder -> U-Net under classifier-free guidance, walked by a sampler -> autoencoder decoder."""
 
     components = ("unet", "autoencoder", "text_encoder")
@@ -71,7 +75,8 @@ class LatentDiffusionPipeline(Pipeline):
                  seed: int | None = None, seeds: list[int] | None = None, height: int | None = None,
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
-                 strength: float = 0.8) -> tuple[torch.Tensor, list[GenerationParams]]:
+                 strength: float | None = None, clip_skip: int = 1, mask_image=None,
+                 mask_blur: float = 0) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
         the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
         ``steps``, ``sampler`` and ``scale`` left ``None`` are the model's own (its config's ``steps``, ``sampler``
@@ -82,12 +87,27 @@ class LatentDiffusionPipeline(Pipeline):
         encoded (posterior mode), noised to the step k that ``strength`` in (0, 1] selects (:func:`start_step`),
         and the run's last steps - k steps denoise it. The noise is image i's x_T (seed + i), so a seed reproduces.
         At strength 1 the image is noised to the first step, which keeps √ᾱ_{t_0} of it, as diffusers does.
+        ``strength`` defaults to 0.8 (diffusers' img2img), 1.0 when inpainting.
+
+        Inpainting (as diffusers' ``StableDiffusionInpaintPipeline``; :mod:`latentdiff.pipelines.inpaint`):
+        ``mask_image`` (a PIL image, white = repaint, resized to the image; ``mask_blur`` R > 0 blurs it first as
+        AUTOMATIC1111 does) with ``init_image``. An inpainting U-Net (in_channels 2C + 1) sees the mask and the
+        masked image's latents at every step; an ordinary U-Net gets the known region blended back after every
+        step, so the kept latents end as the init image's. At strength 1 the run starts from pure noise x_T, as
+        diffusers' inpainting does. The parameters then record "Mask blur: R".
 
         Randomness is per image: image i has its own CPU generator seeded with its seed (``seed + i``, or
         ``seeds[i]`` when given: one per image, after ``num_images_per_prompt``), which draws its x_T and then
         every step noise of a stochastic sampler (euler_a, ddpm, ddim with eta > 0). So an image is the same
         whatever batch it was made in, on the same device and precision.
+
+        Prompts and negative prompts take AUTOMATIC1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``) and any
+        length (docs/prompts.md); ``clip_skip`` N > 1 conditions on the text encoder's output N - 1 blocks
+        earlier (recorded as "Clip skip: N").
         """
+        check_arg_types(prompt=prompt, negative_prompt=negative_prompt, steps=steps, scale=scale, sampler=sampler,
+                        seed=seed, seeds=seeds, height=height, width=width, eta=eta, strength=strength,
+                        num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip)
         check_output_type(output_type)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         scale = self.default_scale if scale is None else scale
@@ -107,7 +127,11 @@ class LatentDiffusionPipeline(Pipeline):
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
         if not 0 < steps <= self.schedule.num_timesteps:
             raise ValueError(f"steps={steps} must be between 1 and {self.schedule.num_timesteps}")
+        if mask_image is not None and init_image is None:
+            raise ValueError("mask_image needs init_image (the picture to inpaint)")
+        strength = (0.8 if mask_image is None else 1.0) if strength is None else strength
         k = None if init_image is None else start_step(steps, strength)  # ValueError for a bad strength
+        mask = None if mask_image is None else mask_to_tensor(mask_image, height, width, check_mask_blur(mask_blur))
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt} must be >= 1")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
@@ -115,7 +139,8 @@ class LatentDiffusionPipeline(Pipeline):
         N = len(prompts)
         seeds = image_seeds(seed, seeds, N)
         device, dtype = self.device, self.dtype
-        context, uncond = self.encode_prompts(prompts, negatives, guided=scale != 1.0)  # (N, L, D) each; uncond
+        context, uncond = self.encode_prompts(prompts, negatives, guided=scale != 1.0,
+                                              clip_skip=clip_skip)  # (N, L·k, D) each; uncond
         # is None without guidance
 
         C = self.config.autoencoder.embed_dim
@@ -124,35 +149,51 @@ class LatentDiffusionPipeline(Pipeline):
         x_T = torch.stack([torch.randn(C, height // f, width // f, generator=g)
                            for g in generator]).to(device)  # (N, C, h, w), float32
         s = self.config.schedule
-        if init_image is not None:  # img2img: x_{t_k} = √ᾱ_k z0 + √(1-ᾱ_k) x_T (Eq. 4 of DDPM), step k's noise level
-            z_init = self.autoencoder.encode(image_to_tensor(init_image, height, width).to(device, dtype)).float()
-            x_T = noise_to_step(z_init.expand_as(x_T), x_T, self.schedule, sampler, steps, k, s.timestep_spacing,
-                                s.steps_offset)  # (N, C, h, w)
+        noise = x_T
+        image = None if init_image is None else image_to_tensor(init_image, height, width)  # (1, 3, H, W)
+        z_init = None
+        if image is not None:  # img2img: x_{t_k} = √ᾱ_k z0 + √(1-ᾱ_k) x_T (Eq. 4 of DDPM), step k's noise level
+            z_init = self.encode_images(image.to(device, dtype)).float()  # (1, C, h, w)
+            if mask is not None and k == 0:  # inpainting at strength 1: pure noise, as diffusers
+                k = None
+            else:
+                x_T = noise_to_step(z_init.expand_as(x_T), x_T, self.schedule, sampler, steps, k, s.timestep_spacing,
+                                    s.steps_offset)  # (N, C, h, w)
 
         unet = self.unet
 
         def model(x_t, t, context):
             return unet(x_t.to(dtype), t, context).float()
 
+        step_hook = None
+        if mask is not None or is_inpainting_unet(self.config):
+            model, step_hook = inpainting(self, model, image, mask, z_init, noise, sampler, steps)
         guided = classifier_free_guidance(model, scale)
         kwargs = {"context": context} if uncond is None else {"context": context, "uncond_context": uncond}
         z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
-                    model_kwargs=kwargs, start_step=k)
+                    model_kwargs=kwargs, start_step=k, step_hook=step_hook)
         strength = None if init_image is None else float(strength)
         params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength,
-                                   model_hash=self.model_hash) for p, n, sd in zip(prompts, negatives, seeds)]
+                                   model_hash=self.model_hash, clip_skip=clip_skip, loras=tuple(self.loras),
+                                   mask_blur=None if mask is None else float(mask_blur))
+                  for p, n, sd in zip(prompts, negatives, seeds)]
         if output_type == "latent":
             return z0.float(), params
-        return self.autoencoder.decode(z0.to(dtype)).float(), params  # (N, 3, H, W)
+        return decode_finite(self.decode_latents, z0.to(dtype), self.autoencoder), params  # (N, 3, H, W)
 
-    def encode_prompts(self, prompts: list[str], negatives: list[str], guided: bool = True
+    def encode_prompts(self, prompts: list[str], negatives: list[str], guided: bool = True, clip_skip: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The U-Net's cross-attention contexts of the prompts and (when ``guided``) of the negative prompts:
-        (N, L, D) each, in the pipeline's dtype; the unconditional one is None without guidance."""
+        (N, L·k, D) each, in the pipeline's dtype; the unconditional one is None without guidance. Prompts are
+        read as AUTOMATIC1111 reads them (emphasis, BREAK, chunks of L - 2 tokens, k the most chunks of any prompt
+        or negative prompt: :func:`~latentdiff.models.prompt_encoding.encode_prompt_batches`); ``clip_skip`` N > 1
+        takes the text encoder's output N - 1 blocks earlier."""
         dtype = self.dtype
-        context = self.text_encoder.encode(prompts).to(dtype)  # (N, L, D)
-        uncond = self.text_encoder.encode(negatives).to(dtype) if guided else None  # (N, L, D)
+        batches = [prompts, negatives] if guided else [prompts]
+        encoded = encode_prompt_batches(self.text_encoder, batches, clip_skip=clip_skip)  # (N, L·k, D) each
+        context = encoded[0].to(dtype)
+        uncond = encoded[1].to(dtype) if guided else None
         return context, uncond
 
 

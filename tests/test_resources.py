@@ -178,3 +178,17 @@ def test_an_image_still_not_finite_is_never_written(tiny_ldm_file, tmp_path, cap
     assert code == 1 and "seed 5" in err and "not written" in err, err
     pngs = sorted(out.glob("*.png"))
     assert len(pngs) == 1 and "Seed: 6" in Image.open(pngs[0]).info["parameters"]
+
+
+def test_full_disk_while_writing_shards(tmp_path):
+    """make-shards: a shard that cannot be written ends the run (non-zero, one message), with no partial shard
+    and no temporary file (statistics files, like shards and PNGs, go through the same atomic write)."""
+    from tests.test_cli_fuzz import png_folder
+
+    images = png_folder(tmp_path / "images" / "cat", n=24).parent
+    out = tmp_path / "shards"
+    r = run_limited(["make-shards", images, out, "--samples-per-shard", "8", "--image-format", "png",
+                     "--quiet"], 3000, tmp_path)
+    assert r.returncode != 0 and "too large" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    assert not temporaries(tmp_path)
+    assert not out.exists() or not list(out.glob("*.tar"))

@@ -11,25 +11,13 @@ import pytest
 import torch
 
 from latentdiff.pipelines.fast import CompiledForward
-from tests.tiny import close, jitter, tiny_ldm_config
-
-
-def _tiny_pipe():
-    from latentdiff.pipelines import LatentDiffusionPipeline
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe = LatentDiffusionPipeline.from_config(tiny_ldm_config(), name="tiny")
-    jitter(pipe.unet, std=0.05, seed=1)
-    jitter(pipe.autoencoder, std=0.02, seed=2)
-    return pipe
-
+from tests.tiny import close, fresh_tiny_pipe
 
 KWARGS = dict(steps=2, seed=3, scale=3.0)
 
 
 def test_compiled_equals_eager():
-    pipe = _tiny_pipe()
+    pipe = fresh_tiny_pipe()
     eager, params = pipe.generate("a cat", **KWARGS)
     state = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
     pipe.compile()
@@ -46,7 +34,7 @@ def test_compiled_equals_eager():
 
 
 def test_compile_failing_at_compile_time_falls_back(monkeypatch, capsys):
-    pipe = _tiny_pipe()
+    pipe = fresh_tiny_pipe()
     eager, _ = pipe.generate("a cat", **KWARGS)
 
     def broken(*args, **kwargs):
@@ -62,7 +50,7 @@ def test_compile_failing_at_compile_time_falls_back(monkeypatch, capsys):
 
 
 def test_compile_failing_at_first_call_falls_back(monkeypatch, capsys):
-    pipe = _tiny_pipe()
+    pipe = fresh_tiny_pipe()
     eager, _ = pipe.generate("a cat", **KWARGS)
 
     def lazy(fn, **kwargs):  # torch.compile compiles on the first call: that is where a toolchain error shows
@@ -80,7 +68,7 @@ def test_compile_failing_at_first_call_falls_back(monkeypatch, capsys):
 
 
 def test_errors_of_the_inputs_propagate(monkeypatch):
-    pipe = _tiny_pipe()
+    pipe = fresh_tiny_pipe()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # "compiled" = eager: errors are the inputs'
     pipe.compile()
     with pytest.raises(ValueError):
@@ -89,7 +77,7 @@ def test_errors_of_the_inputs_propagate(monkeypatch):
 
 
 def test_channels_last_and_uncompile(monkeypatch):
-    pipe = _tiny_pipe()
+    pipe = fresh_tiny_pipe()
     eager, _ = pipe.generate("a cat", **KWARGS)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the wrapping, not inductor
     pipe.compile(channels_last=True)
@@ -103,7 +91,7 @@ def test_channels_last_and_uncompile(monkeypatch):
 
 def test_bad_mode():
     with pytest.raises(ValueError, match="compile mode"):
-        _tiny_pipe().compile(mode="fastest")
+        fresh_tiny_pipe().compile(mode="fastest")
 
 
 def test_txt2img_compile(tiny_ldm_file, tmp_path, monkeypatch, capsys):

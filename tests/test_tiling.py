@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latentdiff.models.tiling import AUTO_TILE_ABOVE, VAETiling, check_tiling, tiled_decode, tiled_encode
-from tests.tiny import close, jitter, tiny_ldm_config
+from tests.tiny import close, fresh_tiny_pipe, jitter
 
 SCALE, SHIFT = 0.5, 0.1
 
@@ -106,7 +106,7 @@ def test_bad_tile_sizes():
         VAETiling("always")
     z = torch.zeros(1, 3, 8, 8)
     with pytest.raises(ValueError, match="latents must have shape"):
-        tiled_decode(_tiny_pipe().autoencoder, z, tile=8)
+        tiled_decode(fresh_tiny_pipe().autoencoder, z, tile=8)
 
 
 def test_auto_mode_threshold():
@@ -115,19 +115,8 @@ def test_auto_mode_threshold():
     assert VAETiling("on").applies(8, 8) and not VAETiling("off").applies(4096, 4096)
 
 
-def _tiny_pipe():
-    from latentdiff.pipelines import LatentDiffusionPipeline
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        pipe = LatentDiffusionPipeline.from_config(tiny_ldm_config(), name="tiny")
-    jitter(pipe.unet, std=0.05, seed=1)
-    jitter(pipe.autoencoder, std=0.02, seed=2)
-    return pipe
-
-
 def test_pipeline_switch():
-    pipe = _tiny_pipe()  # autoencoder f = 2
+    pipe = fresh_tiny_pipe()  # autoencoder f = 2
     kwargs = dict(steps=2, seed=3, height=32, width=24)
     z, _ = pipe.generate("a cat", output_type="latent", **kwargs)
     assert torch.equal(pipe.generate("a cat", **kwargs)[0], pipe.autoencoder.decode(z))  # auto: small, untiled

@@ -86,3 +86,18 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def fresh_tiny_pipe():
+    """A new tiny latent-diffusion pipeline (tiny_ldm_config, named "tiny") with jittered U-Net and autoencoder
+    weights, for tests that change it (compile, tiling); the global RNG state is left as it was."""
+    import torch
+
+    from latentdiff.pipelines import LatentDiffusionPipeline
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        pipe = LatentDiffusionPipeline.from_config(tiny_ldm_config(), name="tiny")
+    jitter(pipe.unet, std=0.05, seed=1)
+    jitter(pipe.autoencoder, std=0.02, seed=2)
+    return pipe

@@ -220,6 +220,8 @@ def test_from_png_bad_input_exits_2(ckpt, tmp_path, capsys):
     (tmp_path / "noseed.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 3, Sampler: DDIM"))
     (tmp_path / "other.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 3, Sampler: LMS, Seed: 1"))
     (tmp_path / "text.png").write_text("not an image")
+    (tmp_path / "nan.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 3, CFG scale: nan, Seed: 1"))
+    (tmp_path / "zero.png").write_bytes(png_bytes(_random_image(1, size=16), "a cat\nSteps: 0, Seed: 1"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a cat\n")
     cases = [(["--from-png", str(plain)], "has no 'parameters' text chunk"),
@@ -227,6 +229,8 @@ def test_from_png_bad_input_exits_2(ckpt, tmp_path, capsys):
              (["--from-png", str(tmp_path / "text.png")], "not a readable image"),
              (["--from-png", str(tmp_path / "missing.png")], "not a readable image"),
              (["--from-png", str(tmp_path / "other.png")], "sampler 'LMS' is not one of ours"),
+             (["--from-png", str(tmp_path / "nan.png")], "its scale nan cannot be used: 'nan' is not a finite"),
+             (["--from-png", str(tmp_path / "zero.png")], "its steps 0 cannot be used: 0 is below the smallest"),
              (["--from-png", str(plain), "--from-file", str(prompts)], "cannot be combined"),
              ([], "the prompt is empty")]
     out = tmp_path / "out"

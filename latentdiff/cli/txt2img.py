@@ -44,7 +44,6 @@ per batch).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import warnings
 from pathlib import Path
@@ -144,8 +143,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    args = build_parser(prog).parse_args(argv)
-    png = apply_png(args, _explicit_options(argv, prog)) if args.from_png is not None else None
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)  # every number is checked by its flag's type (and a --from-png value by the same)
+    png = apply_png(args, _explicit_options(argv, prog), parser) if args.from_png is not None else None
     if args.from_file is not None:
         if args.prompt:
             fail("--from-file cannot be combined with a prompt on the command line")
@@ -154,20 +154,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prompts = [" ".join(args.prompt).strip()]
         if not prompts[0]:
             fail("the prompt is empty")
-    if args.steps is not None and args.steps <= 0:
-        fail(f"--steps must be a positive integer, got {args.steps}")
-    if args.n_samples <= 0:
-        fail(f"--n_samples must be a positive integer, got {args.n_samples}")
-    if args.clip_skip < 1:
-        fail(f"--clip-skip must be a positive integer, got {args.clip_skip}")
-    if args.truncation is not None and not 0 < args.truncation <= 1:
-        fail(f"--truncation must be in (0, 1], got {args.truncation}")
-    for flag, value in (("--H", args.H), ("--W", args.W), ("--batch-size", args.batch_size)):
-        if value is not None and value <= 0:
-            fail(f"{flag} must be a positive integer, got {value}")
-    for flag, value in (("--scale", args.scale), ("--eta", args.eta), ("--truncation", args.truncation)):
-        if value is not None and not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
     outdir = Path(args.outdir)
     if outdir.exists() and not outdir.is_dir():
         fail(f"--outdir {outdir} exists and is not a folder")
@@ -178,11 +164,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if args.mask_blur is not None and args.mask is None:
         fail("--mask-blur applies only with --mask")
     mask_blur = 0.0 if args.mask_blur is None else args.mask_blur
-    if not (math.isfinite(mask_blur) and mask_blur >= 0):
-        fail(f"--mask-blur must be a number of pixels >= 0, got {mask_blur}")
     strength = (0.75 if args.mask is None else 1.0) if args.strength is None else args.strength
-    if not (math.isfinite(strength) and 0 < strength <= 1):
-        fail(f"--strength must be a number in (0, 1], got {strength}")
     init_image = read_image(args.init_image) if args.init_image is not None else None
     mask = read_image(args.mask, "--mask", "L") if args.mask is not None else None
 

@@ -43,11 +43,20 @@ PNG_OPTIONS = ("negative_prompt", "steps", "sampler", "scale", "seed", "H", "W",
                "mask_blur", "clip_skip")
 
 
-def apply_png(args: argparse.Namespace, explicit: set[str]) -> dict:
+def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.ArgumentParser) -> dict:
     """Fill ``args`` from the --from-png PNG's settings where the command line left them out (``explicit``: the
-    option names given there); returns the settings
-    (``from_png``: the option names taken from the PNG). Exits 2 with one message when the PNG cannot be used."""
+    option names given there); each value goes through its flag's type in ``parser``, as if typed on the command
+    line (a PNG saying "CFG scale: nan" is refused like --scale nan). Returns the settings (``from_png``: the
+    option names taken from the PNG). Exits 2 with one message when the PNG cannot be used."""
     from latentdiff.io.images import png_settings
+
+    types = {a.dest: a.type for a in parser._actions if a.type is not None}
+
+    def take(key, value):
+        try:
+            setattr(args, key, types[key](str(value)) if key in types else value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            fail(f"--from-png {args.from_png}: its {key} {value!r} cannot be used: {e}")
 
     if args.from_file is not None:
         fail("--from-png and --from-file cannot be combined")
@@ -57,7 +66,7 @@ def apply_png(args: argparse.Namespace, explicit: set[str]) -> dict:
         fail(f"--from-png {args.from_png}: {e}")
     png["from_png"] = {key for key in PNG_OPTIONS if key in png and key not in explicit}
     for key in png["from_png"]:
-        setattr(args, key, png[key])
+        take(key, png[key])
     if not args.prompt:
         args.prompt = [png["prompt"]]
     if "mask_blur" in png and args.mask is None:
@@ -69,7 +78,7 @@ def apply_png(args: argparse.Namespace, explicit: set[str]) -> dict:
     if png.get("batch_size", 1) > 1:  # VQ-Diffusion: one random stream per batch; regenerate the whole batch
         for key, value in (("n_samples", png["batch_size"]), ("batch_size", png["batch_size"])):
             if key not in explicit:
-                setattr(args, key, value)
+                take(key, value)
         print(f"note: {args.from_png} is image {png.get('batch_pos', 0) + 1} of a batch of {png['batch_size']} "
               "(one random stream per batch): the whole batch is made again", file=sys.stderr)
     return png

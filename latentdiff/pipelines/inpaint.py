@@ -157,5 +157,5 @@ def inpainting(pipe, model, image: torch.Tensor | None, mask: torch.Tensor | Non
     if image is None:
         image = torch.zeros(1, 3, H, W)
     masked = image.to(device, dtype) * (mask < 0.5).to(device, dtype)  # (1, 3, H, W): masked pixels grey (0)
-    masked_latents = pipe.autoencoder.encode(masked).float()  # (1, C, h, w)
+    masked_latents = pipe.encode_images(masked).float()  # (1, C, h, w), tiled like the init image when large
     return with_mask_channels(model, latent_mask(mask, h, w).to(device), masked_latents), None

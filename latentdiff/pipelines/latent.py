@@ -204,7 +204,7 @@ def image_seeds(seed: int | None, seeds: list[int] | None, n: int) -> list[int]:
         seeds = [int(s) for s in seeds]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds given for {n} images: one per image")
-        if seed is not None and seed != seeds[0]:
+        if seed is not None:
             raise ValueError("give seed or seeds, not both")
         return seeds
     if seed is None:

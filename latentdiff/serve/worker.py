@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 
+from latentdiff.pipelines.base import decode_finite
 from latentdiff.serve.jobs import Job, RequestError
 
 log = logging.getLogger("latentdiff.serve")
@@ -204,26 +205,24 @@ class Worker:
                     self._preview = (pipe, tensors[1].detach().clone(), (id(items), stamp[0]))
 
         seed_kw = {"seed": seeds[0]} if first.model.is_vq else {"seeds": seeds}
+        finished = True
         try:
             images, params = pipe.generate(prompts, negative_prompt=negatives, callback=callback, **seed_kw,
                                            **settings)
         except _Interrupted:
-            preview = self._preview
+            finished, preview = False, self._preview
             if preview is None or first.model.is_vq:
                 return False
-            with torch.inference_mode():
-                images = pipe.autoencoder.decode(preview[1].to(pipe.dtype)).float()  # (N, 3, H, W)
+            with torch.inference_mode():  # the last predicted x0, decoded as generate() decodes
+                images = decode_finite(pipe.decode_latents, preview[1].to(pipe.dtype), pipe.autoencoder)
             params = [_params(first, p, n, s) for p, n, s in zip(prompts, negatives, seeds)]
-            for (job, _), image, p in zip(items, images, params):
-                job.results.append((image, p))
-            return False
-        finite = torch.isfinite(images).flatten(1).all(1).tolist()
+        finite = torch.isfinite(images).flatten(1).all(1).tolist()  # (N,)
         for (job, _), image, p, ok in zip(items, images, params, finite):
             if ok:
                 job.results.append((image, p))
             else:  # never a black or garbage PNG: the image is left out
                 log.warning("image with seed %d has NaN or inf pixels even decoded in float32: left out", p.seed)
-        return True
+        return finished
 
     # -- progress ----------------------------------------------------------------------------------------------
     def progress(self) -> dict:

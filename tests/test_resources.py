@@ -189,6 +189,6 @@ def test_full_disk_while_writing_shards(tmp_path):
     out = tmp_path / "shards"
     r = run_limited(["make-shards", images, out, "--samples-per-shard", "8", "--image-format", "png",
                      "--quiet"], 3000, tmp_path)
-    assert r.returncode != 0 and "too large" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 1 and "too large" in r.stderr.lower() and "Traceback" not in r.stderr, r.stderr
     assert not temporaries(tmp_path)
     assert not out.exists() or not list(out.glob("*.tar"))

@@ -56,7 +56,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference-samples", type=POSITIVE, default=None,
                    help="use a seeded random subset of the reference")
     p.add_argument("--inception-weights", default=None, help="Inception weights file (default: the torch hub cache)")
-    p.add_argument("--cache-dir", default=None, help="reference statistics cache (default: ~/.cache/latentdiff/fid)")
+    p.add_argument("--cache-dir", default=None,
+                   help="reference statistics cache (default: latentdiff/fid in $XDG_CACHE_HOME or ~/.cache)")
     p.add_argument("--classifier", default=None,
                    help="CIFAR-10 classifier .safetensors (default: the embedded one, skipped if absent)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of image 0 (image i uses seed + i)")

@@ -93,8 +93,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                    verify=not args.no_verify, overwrite=args.overwrite,
                                    command=shlex.join(["latentdiff", "make-shards", *argv]),
                                    progress=not args.quiet)
-    except (SourceError, OSError, ValueError) as e:  # OSError: existing OUTDIR, unreadable files
-        fail(str(e))
+    except (SourceError, OSError, ValueError) as e:  # OSError: existing OUTDIR, unreadable files, a full disk
+        from latentdiff.cli.main import resource_error_message
+
+        resource = resource_error_message(e, "make-shards")  # a full disk is not bad input: exit 1
+        fail(resource or str(e), code=1 if resource else 2)
     print(f"wrote {manifest.total_samples} samples in {len(manifest.shards)} shards to {args.outdir} "
           f"({len(manifest.skipped)} inputs skipped) in {time.perf_counter() - start:.1f} s")
     for item in manifest.skipped[:10]:

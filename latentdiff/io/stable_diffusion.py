@@ -179,7 +179,8 @@ def single_file_config(parts: Parts, text_kind: str, prediction_type: str | None
                   else f"num_head_channels={base.unet.num_head_channels}")
         _warn(f"{source}: the U-Net (model_channels={unet_cfg.model_channels}) is not a released Stable Diffusion "
               f"size and its weights do not record the attention head layout; assuming the family's {layout}. "
-              f"Set unet.num_heads or unet.num_head_channels in overrides (tools: --set) to choose.")
+              f"To choose, pass overrides=['unet.num_head_channels=64'] (or unet.num_heads=N) to load_pipeline, or "
+              f"--set the same in `latentdiff convert`.")
     data = to_dict(base)
     data.update(unet=to_dict(unet_cfg), autoencoder=to_dict(ae_cfg), text_encoder=to_dict(text_cfg))
     if prediction_type is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -53,7 +54,8 @@ from latentdiff.metrics.inception import FEATURE_EXTRACTOR, RESIZE_METHOD, load_
 from latentdiff.metrics.inception_weights import Announce, announce_on_stderr, resolve_inception_weights
 from latentdiff.version import __version__
 
-DEFAULT_CACHE_DIR = Path("~/.cache/latentdiff/fid").expanduser()
+# $XDG_CACHE_HOME/latentdiff/fid (XDG base directories; ~/.cache when unset or empty)
+DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "latentdiff" / "fid"
 _CACHE_FORMAT = 1  # bump when the statistics computation changes
 
 

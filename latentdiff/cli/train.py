@@ -25,6 +25,10 @@ Several processes (DistributedDataParallel; NCCL on GPUs, gloo on CPUs), per-ran
 
     torchrun --nproc_per_node 4 tools/train.py --config configs/cifar10_ldm.yaml --outdir runs/ldm4
 
+    # sharded (FSDP2): weights, gradients and optimizer state split across the ranks; .dcp checkpoint folders
+    torchrun --nproc_per_node 4 tools/train.py --config configs/cifar10_ldm.yaml --outdir runs/ldm4 \\
+        --set distributed.strategy=fsdp
+
     # two machines, run on each (node_rank 0 and 1); --outdir must be on storage shared by both
     torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --master_addr HOST0 --master_port 29500 \\
         tools/train.py --config configs/cifar10_ldm.yaml --outdir /shared/runs/ldm16

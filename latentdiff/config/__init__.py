@@ -38,6 +38,7 @@ from latentdiff.config.train import (
     OBJECTIVE_CONFIGS,
     AutoencoderKLObjectiveConfig,
     DataConfig,
+    DistributedConfig,
     EMAConfig,
     LatentDiffusionObjectiveConfig,
     OptimConfig,
@@ -49,9 +50,9 @@ from latentdiff.config.train import (
 
 __all__ = [
     "MODEL_CONFIGS", "OBJECTIVE_CONFIGS", "AutoencoderKLConfig", "AutoencoderKLObjectiveConfig", "DataConfig",
-    "DiscreteScheduleConfig", "EMAConfig", "LatentDiffusionConfig", "LatentDiffusionObjectiveConfig", "OptimConfig",
-    "ScheduleConfig", "TextEncoderConfig", "TrainConfig", "UNetConfig", "VQDiffusionConfig",
-    "VQDiffusionObjectiveConfig", "VQModelConfig", "VQTransformerConfig", "VQVAEObjectiveConfig", "apply_overrides",
-    "config_from_json", "config_to_json", "from_dict", "load_config", "load_train_config", "model_config_from_dict",
-    "read_yaml", "save_config", "to_dict", "train_config_from_dict",
+    "DiscreteScheduleConfig", "DistributedConfig", "EMAConfig", "LatentDiffusionConfig",
+    "LatentDiffusionObjectiveConfig", "OptimConfig", "ScheduleConfig", "TextEncoderConfig", "TrainConfig",
+    "UNetConfig", "VQDiffusionConfig", "VQDiffusionObjectiveConfig", "VQModelConfig", "VQTransformerConfig",
+    "VQVAEObjectiveConfig", "apply_overrides", "config_from_json", "config_to_json", "from_dict", "load_config",
+    "load_train_config", "model_config_from_dict", "read_yaml", "save_config", "to_dict", "train_config_from_dict",
 ]

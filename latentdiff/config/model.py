@@ -14,7 +14,7 @@ from latentdiff.config.coerce import from_dict
 # -- continuous (latent diffusion, Stable Diffusion family) ---------------------------------------------------------
 
 # The names of diffusion.samplers.SAMPLERS (config imports nothing above it; tests/test_config.py checks they agree).
-SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "euler_a")
+SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler_a")
 
 
 @dataclass
@@ -29,9 +29,20 @@ class ScheduleConfig:
     # Sampling-time defaults: how inference timesteps are spaced (diffusers' names), as the model was released.
     timestep_spacing: str = "leading"  # leading | trailing | linspace
     steps_offset: int = 1  # Stable Diffusion uses 1 with "leading"
+    # Zero terminal SNR (Lin et al. 2024, Alg. 1): ᾱ_T = 0. Needs v_prediction (or sample) and a spacing whose first
+    # sampling step is T-1 (trailing or linspace). Model files written before this field load as false.
+    rescale_betas_zero_snr: bool = False
 
     def __post_init__(self):
         check_choice("schedule.timestep_spacing", self.timestep_spacing, ("leading", "trailing", "linspace"))
+        check(not self.rescale_betas_zero_snr or self.prediction_type != "epsilon",
+              "schedule.rescale_betas_zero_snr=true needs schedule.prediction_type 'v_prediction' (or 'sample'), "
+              "not 'epsilon': at zero SNR the input is pure noise, so an epsilon prediction says nothing about x0 "
+              "(Lin et al. 2024, Sec. 3.2)")
+        check(not self.rescale_betas_zero_snr or self.timestep_spacing != "leading",
+              "schedule.rescale_betas_zero_snr=true needs schedule.timestep_spacing 'trailing' (or 'linspace'): "
+              "'leading' never samples the last timestep, so sampling would start from pure noise at a step whose "
+              "SNR is not zero (Lin et al. 2024, Sec. 3.3)")
         check(self.steps_offset >= 0, f"schedule.steps_offset={self.steps_offset!r} must be >= 0")
         check_choice("schedule.beta_schedule", self.beta_schedule, ("linear", "scaled_linear", "cosine"))
         check_choice("schedule.prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +49,13 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup, then a constant or cosine learning rate (see latentdiff/training/optim.py)."""
+    """AdamW with linear warmup, then a constant or cosine learning rate (see latentdiff/training/optim.py).
 
+    ``optimizer``: adamw (torch) | adamw8bit (bitsandbytes' 8-bit AdamW: the two moments in 8 bits, block-wise
+    quantised; needs the bitsandbytes package) | adafactor (torch.optim.Adafactor: factored second moment, no first
+    moment; ``lr`` is then its largest relative step size and ``betas``/``eps`` are unused)."""
+
+    optimizer: str = "adamw"  # adamw | adamw8bit | adafactor
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -60,6 +66,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global gradient norm per optimizer; null disables clipping
 
     def __post_init__(self):
+        check_choice("optim.optimizer", self.optimizer, ("adamw", "adamw8bit", "adafactor"))
         check_positive("optim.lr", self.lr)
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                f"optim.betas={self.betas!r} must be two numbers in [0, 1)")
@@ -172,6 +179,10 @@ class LatentDiffusionObjectiveConfig:
     train_text_encoder: bool = True
     scale_latents_by_std: bool = True  # a fresh run sets autoencoder.scaling_factor = 1 / std(latents)
     min_snr_gamma: float | None = None  # min-SNR-γ loss weighting (Hang et al., 2023); 5.0 is usual
+    # -- noise options (docs/diffusion.md, "Training options") --
+    noise_offset: float = 0.0  # offset noise: ε += c·N(0, 1) of shape (B, C, 1, 1); 0.05-0.1 is usual
+    input_perturbation: float = 0.0  # Ning et al. 2023: x_t from ε + γ·ξ, target from ε; 0.1 is usual
+    # -- end noise options --
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a photo of a ship"])
     sample_steps: int = 25
     sample_sampler: str = "ddim"
@@ -185,6 +196,9 @@ class LatentDiffusionObjectiveConfig:
         check(self.type == "latent_diffusion", f"objective.type={self.type!r} must be 'latent_diffusion'")
         check(self.min_snr_gamma is None or self.min_snr_gamma > 0,
                f"objective.min_snr_gamma={self.min_snr_gamma!r} must be > 0")
+        for name in ("noise_offset", "input_perturbation"):  # noise options
+            value = getattr(self, name)
+            check(math.isfinite(value) and value >= 0, f"objective.{name}={value!r} must be a number >= 0")
         check(len(self.sample_prompts) > 0, "objective.sample_prompts must not be empty")
         check_positive("objective.sample_steps", self.sample_steps)
 
@@ -218,6 +232,27 @@ class VQDiffusionObjectiveConfig:
                f"objective.sample_truncation={self.sample_truncation!r} must be in (0, 1]")
 
 
+# -- distributed (issue #16 item 3, FSDP) --------------------------------------------------------------------------
+@dataclass
+class DistributedConfig:
+    """How ``torchrun`` ranks share the model (see latentdiff/training/sharding.py). ``ddp``: every rank holds all
+    weights and optimizer state, gradients are all-reduced. ``fsdp``: PyTorch FSDP2 (``fully_shard``) splits the
+    trainable networks' weights, gradients and optimizer state across ranks (per U-Net / transformer block, then
+    the network); checkpoints become sharded ``.dcp`` folders. ``cpu_offload`` keeps the parameter shards (and
+    optimizer state) in CPU memory; ``reshard_after_forward`` frees the gathered weights after each block's
+    forward (less memory, one more all-gather in backward)."""
+
+    strategy: str = "ddp"  # ddp | fsdp
+    cpu_offload: bool = False  # fsdp only: CPUOffloadPolicy of the parameter shards
+    reshard_after_forward: bool = True  # fsdp only
+
+    def __post_init__(self):
+        check_choice("distributed.strategy", self.strategy, ("ddp", "fsdp"))
+        check(not self.cpu_offload or self.strategy == "fsdp",
+              "distributed.cpu_offload=true needs distributed.strategy=fsdp (DDP keeps every weight on the device)")
+# -- end distributed ------------------------------------------------------------------------------------------------
+
+
 OBJECTIVE_CONFIGS: dict[str, type] = {"autoencoder_kl": AutoencoderKLObjectiveConfig,
                                       "latent_diffusion": LatentDiffusionObjectiveConfig,
                                       "vqvae": VQVAEObjectiveConfig,
@@ -237,6 +272,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # ddp | fsdp under torchrun
     steps: int = 1000  # optimizer steps of the whole run (the LR schedule spans them)
     grad_accum: int = 1
     precision: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16

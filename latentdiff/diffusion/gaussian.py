@@ -67,9 +67,9 @@ def predict_x0_from_eps(schedule: DiffusionSchedule, x_t: torch.Tensor, t: torch
 
 def predict_eps_from_x0(schedule: DiffusionSchedule, x_t: torch.Tensor, t: torch.Tensor,
                         x0: torch.Tensor) -> torch.Tensor:
-    """ε = (x_t - √ᾱ_t x0) / √(1-ᾱ_t) = (√(1/ᾱ_t) x_t - x0) / √(1/ᾱ_t - 1)."""
-    return ((schedule.extract(schedule.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
-            / schedule.extract(schedule.sqrt_recipm1_alphas_cumprod, t, x_t))
+    """ε = (x_t - √ᾱ_t x0) / √(1-ᾱ_t) (finite also at ᾱ_t = 0, a zero-terminal-SNR schedule's last step)."""
+    return ((x_t - schedule.extract(schedule.sqrt_alphas_cumprod, t, x_t) * x0)
+            / schedule.extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t))
 
 
 def get_v(schedule: DiffusionSchedule, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -154,16 +154,32 @@ def min_snr_weights(schedule: DiffusionSchedule, t: torch.Tensor, gamma: float) 
 
 def training_losses(schedule: DiffusionSchedule, model: Callable[..., torch.Tensor], x0: torch.Tensor,
                     t: torch.Tensor, noise: torch.Tensor | None = None, model_kwargs: dict | None = None,
-                    min_snr_gamma: float | None = None) -> dict[str, torch.Tensor]:
+                    min_snr_gamma: float | None = None, noise_offset: float = 0.0,
+                    input_perturbation: float = 0.0) -> dict[str, torch.Tensor]:
     """Simple diffusion loss L_simple (Eq. 14 of DDPM) for any prediction type, per sample.
 
     x0: (B, C, H, W) clean (latent) data; t: (B,) long. Returns ``mse`` (B,), the mean squared error of the
     network output against its target, and ``loss`` (B,), the same optionally weighted by min-SNR-γ. Both are
     float32 whatever the model's dtype; the caller takes ``loss.mean()``.
+
+    Two options change the noise, in this order and with these draws (after ``noise``, from the global RNG on
+    x0's device), as diffusers' train_text_to_image.py and kohya's sd-scripts do:
+
+    - ``noise_offset`` c (offset noise, Guttenberg 2023): ε ← ε + c · δ with δ ~ N(0, 1) of shape (B, C, 1, 1),
+      one shift per sample and channel, so the model also learns to change an image's mean brightness; the target
+      is built from this ε.
+    - ``input_perturbation`` γ (Ning et al. 2023, "Input Perturbation Reduces Exposure Bias in Diffusion Models"):
+      x_t = √ᾱ_t x0 + √(1-ᾱ_t) (ε + γ ξ), ξ ~ N(0, I), while the target stays that of ε (ε, or v built from ε), so
+      training sees inputs as imprecise as the sampler's own.
     """
     if noise is None:
         noise = torch.randn_like(x0)
-    x_t = q_sample(schedule, x0, t, noise)
+    if noise_offset:
+        B, C = x0.shape[:2]
+        noise = noise + noise_offset * torch.randn((B, C, *([1] * (x0.dim() - 2))), device=x0.device,
+                                                   dtype=noise.dtype)  # (B, C, 1, 1) broadcast
+    input_noise = noise + input_perturbation * torch.randn_like(noise) if input_perturbation else noise
+    x_t = q_sample(schedule, x0, t, input_noise)
     pred = model(x_t, t, **(model_kwargs or {}))
     if pred.shape != x0.shape:
         raise ValueError(f"model output shape {tuple(pred.shape)} does not match x0 shape {tuple(x0.shape)}")

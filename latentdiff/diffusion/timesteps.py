@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.diffusion.schedule import ZERO_SNR_ALPHA_CUMPROD, DiffusionSchedule
 
 SPACINGS = ("leading", "trailing", "linspace")
 
@@ -51,8 +51,12 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
 
 
 def schedule_sigmas(schedule: DiffusionSchedule) -> np.ndarray:
-    """k-diffusion noise levels σ_t = √((1 - ᾱ_t) / ᾱ_t), increasing in t: (T,) float64."""
-    ac = schedule.alphas_cumprod_float64
+    """k-diffusion noise levels σ_t = √((1 - ᾱ_t) / ᾱ_t), increasing in t: (T,) float64.
+
+    On a zero-terminal-SNR schedule ᾱ_{T-1} = 0 is taken as 2^-24 (σ ≈ 4096), as diffusers' Euler and DPM-Solver
+    schedulers do, so that σ-parameterised samplers start from a finite σ.
+    """
+    ac = np.where(schedule.alphas_cumprod_float64 == 0.0, ZERO_SNR_ALPHA_CUMPROD, schedule.alphas_cumprod_float64)
     return np.sqrt((1.0 - ac) / ac)
 
 
@@ -65,8 +69,8 @@ def run_sigmas(schedule: DiffusionSchedule, sampler: str, steps: int, spacing: s
                steps_offset: int = 0, use_karras_sigmas: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The timesteps of a ``sampler`` run and the noise level σ it gives each step: two float64 arrays (steps,).
 
-    ddpm/ddim: the spaced timesteps, σ = σ_t. dpmpp_2m: DPM-Solver's multistep spacing, or Karras sigmas with the
-    nearest timesteps. euler_a: σ interpolated at the timesteps (fractional ones for ``linspace``).
+    ddpm/ddim: the spaced timesteps, σ = σ_t (+inf at ᾱ = 0). dpmpp_2m: DPM-Solver's multistep spacing, or Karras
+    sigmas with the nearest timesteps. euler_a: σ interpolated at the timesteps (fractional ones for ``linspace``).
     """
     T = schedule.num_timesteps
     all_sigmas = schedule_sigmas(schedule)
@@ -78,4 +82,8 @@ def run_sigmas(schedule: DiffusionSchedule, sampler: str, steps: int, spacing: s
         ts = spaced_timesteps(T, steps, spacing, steps_offset, fractional=fractional)
         return ts, np.interp(ts, np.arange(T, dtype=np.float64), all_sigmas)
     ts = spaced_timesteps(T, steps, spacing, steps_offset, multistep=sampler == "dpmpp_2m")
+    if sampler in ("ddpm", "ddim"):  # these use ᾱ_t itself: σ_T = +inf (ᾱ = 1/(σ² + 1) = 0) on a zero-SNR schedule
+        ac = schedule.alphas_cumprod_float64[ts.astype(np.int64)]
+        with np.errstate(divide="ignore"):
+            return ts, np.sqrt((1.0 - ac) / ac)
     return ts, all_sigmas[ts.astype(np.int64)]

@@ -170,7 +170,7 @@ def scheduler_config(cfg: LatentDiffusionConfig) -> dict:
     return {"_class_name": "DDIMScheduler", "beta_schedule": names[s.beta_schedule], "beta_start": s.beta_start,
             "beta_end": s.beta_end, "num_train_timesteps": s.num_timesteps, "prediction_type": s.prediction_type,
             "timestep_spacing": s.timestep_spacing, "steps_offset": s.steps_offset, "clip_sample": False,
-            "set_alpha_to_one": False, "trained_betas": None}
+            "set_alpha_to_one": False, "trained_betas": None, "rescale_betas_zero_snr": s.rescale_betas_zero_snr}
 
 
 MODEL_INDEX = {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],

@@ -217,6 +217,7 @@ def schedule_config_from_diffusers(sched: dict, prediction_type: str | None = No
         "prediction_type": prediction_type or sched.get("prediction_type", "epsilon"),
         "timestep_spacing": sched.get("timestep_spacing", "leading"),
         "steps_offset": sched.get("steps_offset", 1 if sched.get("timestep_spacing", "leading") == "leading" else 0),
+        "rescale_betas_zero_snr": bool(sched.get("rescale_betas_zero_snr", False)),
     })
 
 

@@ -75,7 +75,10 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: str | list[str], clip_skip: int = 1) -> torch.Tensor:
         """Prompts -> hidden states (B, L, width) on the module's device and in its dtype; longer prompts are cut
         to L tokens (:func:`~latentdiff.models.prompt_encoding.encode_prompt_batches` keeps them whole)."""
-        return self(self.tokenize(prompts).to(self.device), clip_skip=clip_skip)
+        tokens = self.tokenize(prompts)
+        if self.device.type == "cuda":  # pinned + non_blocking: the copy does not make the host wait for the GPU
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        return self(tokens.to(self.device), clip_skip=clip_skip)
 
     def unconditional(self, batch_size: int = 1) -> torch.Tensor:
         """The empty prompt's hidden states, encode([""]), repeated: (batch_size, L, width) for guidance."""

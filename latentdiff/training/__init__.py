@@ -7,7 +7,9 @@
     Trainer(cfg, "runs/cifar10_ldm", resume="auto").run()      # what tools/train.py does
 
 Modules: ``trainer`` (the loop), ``objectives/`` (what is trained: ``autoencoder_kl``, ``latent_diffusion``,
-registered by ``objective.type``), ``state`` (atomic training checkpoints, RNG states), ``feed`` (resumable
-batches), ``ema``, ``optim`` (AdamW + warmup/cosine), ``distributed`` (torchrun process groups), ``logging``
-(JSONL log, loss plot, sample grids).
+``vqvae``, ``vq_diffusion``, registered by ``objective.type``), ``state`` (atomic training checkpoints: files and
+.dcp folders, RNG states), ``checkpointing`` (what a checkpoint holds, restore), ``guard`` (the on-device non-finite
+guard), ``feed`` (resumable batches), ``ema``, ``optim`` (AdamW, 8-bit AdamW, Adafactor + warmup/cosine),
+``distributed`` (torchrun process groups), ``sharding`` (FSDP2), ``logging`` (JSONL log, loss plot, sample grids,
+TensorBoard).
 """

@@ -11,6 +11,10 @@ Update (after each optimizer step): θ̄ ← β_n θ̄ + (1 − β_n) θ. With `
 ``LitEma``), so early averages are not dominated by the random initialisation.
 
 Only floating-point parameters are averaged; buffers (e.g. normalisation statistics) are used as they are.
+
+Sharded parameters (FSDP2 ``DTensor``): θ̄ has the parameter's type and placement, so each rank holds and averages
+only its own shard (the update is elementwise, so no communication is needed), checkpoints save θ̄ shard by shard,
+and :meth:`EMA.swapped` puts each rank's shard of θ̄ into its shard of θ (a full export then gathers them).
 """
 
 from __future__ import annotations
@@ -20,6 +24,12 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a ``DTensor`` (a view: in-place ops change the DTensor), any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class EMA:
@@ -49,8 +59,9 @@ class EMA:
         """θ̄ ← β_n θ̄ + (1 − β_n) θ for every tracked parameter."""
         beta = self.decay_at(self.num_updates)
         names, params = zip(*self._params())
-        shadows = [self.shadow[n] for n in names]
-        torch._foreach_lerp_(shadows, [p.detach().float() for p in params], 1.0 - beta)  # θ̄ + (1-β)(θ - θ̄)
+        shadows = [_local(self.shadow[n]) for n in names]
+        live = [_local(p.detach()).float() for p in params]
+        torch._foreach_lerp_(shadows, live, 1.0 - beta)  # θ̄ + (1-β)(θ - θ̄), shard by shard
         self.num_updates += 1
 
     @contextlib.contextmanager
@@ -59,14 +70,14 @@ class EMA:
         backup = {}
         with torch.no_grad():
             for name, p in self._params():
-                backup[name] = p.detach().clone()
-                p.copy_(self.shadow[name])
+                backup[name] = _local(p.detach()).clone()
+                _local(p.detach()).copy_(_local(self.shadow[name]))
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, p in self._params():
-                    p.copy_(backup[name])
+                    _local(p.detach()).copy_(backup[name])
 
     def state_dict(self) -> dict:
         return {"num_updates": self.num_updates, "shadow": dict(self.shadow)}
@@ -77,5 +88,5 @@ class EMA:
         if missing or unexpected:
             raise ValueError(f"EMA state does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
         for name, value in state["shadow"].items():
-            self.shadow[name].copy_(value)
+            _local(self.shadow[name]).copy_(_local(value))
         self.num_updates = int(state["num_updates"])

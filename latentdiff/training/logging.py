@@ -1,8 +1,14 @@
-"""What a run leaves to look at: a JSONL loss log, a PNG loss plot, and sample grids.
+"""What a run leaves to look at: a JSONL loss log, a PNG loss plot, sample grids, and TensorBoard events.
 
 ``log.jsonl`` gets one JSON object per logged step, each appended with a single ``write`` on an ``O_APPEND``
 descriptor and flushed, so a kill can at most cut the last line (which readers skip). On resume the log is
 rewritten (atomically) without the entries past the resumed step, so it always describes one history.
+
+When the optional ``tensorboard`` package is installed, the same records (every number but ``step``, one scalar
+tag each) and the sample grids (tag ``samples``) also go to ``<outdir>/tensorboard/`` through torch's
+``SummaryWriter``, flushed after each write. A resumed run opens its event file with ``purge_step`` = resumed
+step + 1, so TensorBoard drops the abandoned history past that step, as the JSONL log does. Without the package
+this is a no-op that prints one note.
 """
 
 from __future__ import annotations
@@ -11,11 +17,14 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from latentdiff.atomic import atomic_write
 from latentdiff.io.images import make_grid, to_pil
@@ -41,14 +50,18 @@ class LossLog:
     Drawing costs about a second, so :meth:`plot` redraws at most every ``plot_interval`` seconds unless forced.
     """
 
-    def __init__(self, path: Path, plot_path: Path | None = None, plot_interval: float = 30.0):
+    def __init__(self, path: Path, plot_path: Path | None = None, plot_interval: float = 30.0,
+                 tensorboard_dir: Path | None = None):
         self.path = Path(path)
         self.plot_path = plot_path
         self.plot_interval = plot_interval
         self._last_plot = -math.inf
+        self.tensorboard = TensorBoardLog(tensorboard_dir) if tensorboard_dir is not None else None
 
     def truncate_after(self, step: int) -> None:
         """Drop records logged after ``step`` (they belong to a history that a resume discards)."""
+        if self.tensorboard is not None:
+            self.tensorboard.purge_step = step + 1
         if not self.path.exists():
             return
         records = read_log(self.path)
@@ -65,6 +78,15 @@ class LossLog:
             os.write(fd, line)
         finally:
             os.close(fd)
+        if self.tensorboard is not None:
+            self.tensorboard.add_scalars(record)
+
+    def add_image_grid(self, step: int, path: Path) -> Path:
+        """Send the sample grid PNG at ``path`` to TensorBoard (tag ``samples``), when it is installed; returns
+        ``path``."""
+        if self.tensorboard is not None:
+            self.tensorboard.add_image("samples", step, path)
+        return Path(path)
 
     def plot(self, force: bool = False) -> None:
         """Redraw the loss curves (log scale when positive) into ``plot_path``."""
@@ -101,6 +123,59 @@ class LossLog:
         plt.close(fig)
         with atomic_write(self.plot_path, "wb") as f:
             f.write(buf.getvalue())
+
+
+class TensorBoardLog:
+    """Scalars and images for TensorBoard in ``logdir``, written only if the ``tensorboard`` package is installed.
+
+    The writer opens on the first write (with ``purge_step`` when set: events at and after it in earlier files
+    are discarded by TensorBoard's readers) and is flushed after every write, so a kill loses nothing logged.
+    """
+
+    def __init__(self, logdir: Path):
+        self.logdir = Path(logdir)
+        self.purge_step: int | None = None
+        self._writer = None
+        self._missing = False
+
+    def _open(self):
+        if self._writer is None and not self._missing:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # torch raises it when the tensorboard package is missing
+                self._missing = True
+                print("note: the tensorboard package is not installed; logging to log.jsonl only",
+                      file=sys.stderr)
+                return None
+            self._writer = SummaryWriter(str(self.logdir), purge_step=self.purge_step)
+        return self._writer
+
+    def add_scalars(self, record: dict) -> None:
+        """One scalar per finite number of ``record`` (tag = its key), at ``record["step"]``."""
+        writer = self._open()
+        if writer is None:
+            return
+        step = int(record["step"])
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                writer.add_scalar(key, value, step)
+        writer.flush()
+
+    def add_image(self, tag: str, step: int, path: Path) -> None:
+        """The RGB image of the PNG at ``path``."""
+        writer = self._open()
+        if writer is None:
+            return
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        writer.add_image(tag, pixels, step, dataformats="HWC")
+        writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
 
 def _has_cut_line(path: Path) -> bool:

@@ -1,4 +1,18 @@
-"""AdamW and its learning-rate schedule: linear warmup, then constant or cosine decay.
+"""The optimizer (``optim.optimizer``) and its learning-rate schedule: linear warmup, then constant or cosine decay.
+
+Optimizers (state per parameter of n elements, besides the parameter itself):
+
+    adamw      torch.optim.AdamW (Loshchilov & Hutter 2019), fused kernel when possible: 2n float32 moments
+    adamw8bit  bitsandbytes' AdamW8bit (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"):
+               the same update with both moments in 8 bits, one scale per block of 256 values (2n bytes; tensors
+               under 4096 elements keep float32 moments); needs the optional bitsandbytes package
+    adafactor  torch.optim.Adafactor (Shazeer & Stern 2018): no first moment, the second moment factored over a
+               tensor's last two axes into row and column means (n + m values for an n x m matrix; conv kernels,
+               whose last axes are 3 x 3, save less); the step is relative, min(lr, 1/√t) times the parameter's
+               RMS, so ``lr`` is the largest relative step (torch's default 1e-2)
+
+Measured on a 34 M-parameter U-Net (model_channels 64), state after one step: adamw 8.0, adamw8bit 2.06,
+adafactor 2.17 bytes per parameter.
 
 Learning-rate multiplier at optimizer step s (``lr_lambda``), with W warmup steps and S total steps:
 
@@ -26,21 +40,42 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: list[nn.Parameter], optim_cfg, lr: float | None = None,
-                    betas: tuple[float, float] | None = None) -> torch.optim.AdamW:
-    """AdamW over ``params``; weight decay skips 1-D tensors (biases, norm scales), as is customary.
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
-    Uses the fused kernel (one pass over all tensors, CPU and CUDA) when every parameter allows it: on the CPU
-    the default per-tensor loop costs as much as a small model's backward pass.
+
+def build_optimizer(params: list[nn.Parameter], optim_cfg, lr: float | None = None,
+                    betas: tuple[float, float] | None = None) -> torch.optim.Optimizer:
+    """``optim_cfg.optimizer`` over ``params``; weight decay (decoupled) skips 1-D tensors (biases, norm scales), as
+    is customary. ``lr`` and ``betas`` override the config's (a discriminator's own).
+
+    AdamW uses the fused kernel (one pass over all tensors, CPU and CUDA) when every parameter allows it: on the
+    CPU the default per-tensor loop costs as much as a small model's backward pass.
     """
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": optim_cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim_cfg.lr if lr is None else lr,
-                             betas=tuple(optim_cfg.betas) if betas is None else betas, eps=optim_cfg.eps,
-                             fused=fused or None)
+    groups = [g for g in ({"params": decay, "weight_decay": optim_cfg.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    lr = optim_cfg.lr if lr is None else lr
+    betas = tuple(optim_cfg.betas) if betas is None else betas
+    kind = getattr(optim_cfg, "optimizer", "adamw")
+    if kind == "adamw":
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in _FUSED_DTYPES for p in params)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=optim_cfg.eps, fused=fused or None)
+    if kind == "adamw8bit":
+        return _bitsandbytes().optim.AdamW8bit(groups, lr=lr, betas=betas, eps=optim_cfg.eps)
+    if kind == "adafactor":
+        return torch.optim.Adafactor(groups, lr=lr)
+    raise ValueError(f"optim.optimizer={kind!r} is not one of {list(OPTIMIZERS)}")
+
+
+def _bitsandbytes():
+    """The bitsandbytes module, or a ValueError that says how to get it."""
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ValueError(f"optim.optimizer=adamw8bit needs the bitsandbytes package ({e}): pip install "
+                         f"bitsandbytes (version 0.50.2 runs on the CPU too), or set optim.optimizer=adamw") from None
+    return bitsandbytes
 
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

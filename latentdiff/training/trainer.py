@@ -1,16 +1,21 @@
-"""The training loop shared by every model kind: AMP, gradient accumulation and clipping, EMA, DDP, checkpoints,
-logging, sample grids and the final export.
+"""The training loop shared by every model kind: AMP, gradient accumulation and clipping, EMA, DDP or FSDP,
+checkpoints, logging, sample grids and the final export.
 
 One optimizer step at step s (``grad_accum`` = A micro-batches per rank, R ranks):
 
 1. For each micro-batch: loss = objective(batch, s) under autocast; backward of scaler.scale(loss / A). DDP
-   all-reduces gradients on the last micro-batch only (``no_sync`` before).
-2. Guard: the loss summed over ranks must be finite, else :class:`NonFiniteError` (before any update, so
-   nothing broken is ever saved). Gradients are unscaled and clipped per optimizer; a non-finite gradient norm
-   stops the run too, except under fp16, where GradScaler skips the step and lowers its scale (an overflow) —
-   ``MAX_SKIPPED_STEPS`` skips in a row stop it as well.
+   all-reduces gradients on the last micro-batch only (``no_sync`` before); FSDP (``distributed.strategy: fsdp``,
+   :mod:`latentdiff.training.sharding`) reduce-scatters them to the ranks' shards there instead.
+2. Guard, on the device (:mod:`latentdiff.training.guard`: no host sync per step): gradients are unscaled and
+   clipped per optimizer; a step whose loss (mean over ranks) or gradient norm is not finite is skipped inside
+   the fused AdamW kernels. A non-finite loss is fatal; so is a non-finite gradient, except under fp16, where it
+   is an overflow that lowers GradScaler's scale (``MAX_SKIPPED_STEPS`` of those in a row are fatal). After a
+   fatal step every update is skipped.
 3. Optimizers and LR schedulers step, the scaler updates, the EMA updates; s ← s + 1.
-4. Rank 0 logs, draws sample grids and writes checkpoints (all ranks meet in the RNG gather and a barrier).
+4. Sync point, when the step logs, draws a sample grid, checkpoints or is the last: a fatal step raises
+   :class:`NonFiniteError` naming it, before anything is written (the first such step after it, so at most
+   ``log_every`` − 1 steps later; each step's metrics stay on the device until then).
+   Rank 0 logs, draws sample grids and writes checkpoints (all ranks meet in the RNG gather and a barrier).
 
 Randomness: every rank seeds model initialisation with ``seed`` (identical weights) and training with
 ``seed + 1 + rank`` (different noise, timesteps and dropout per rank). Checkpoints carry every rank's RNG
@@ -20,50 +25,37 @@ states, so a resumed run continues bit-identically on the CPU.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from latentdiff.config import config_to_json, save_config, to_dict
+from latentdiff.config import save_config
 from latentdiff.devices import resolve_precision
 from latentdiff.io.checkpoint import save_model_file
 from latentdiff.locks import FolderLock, FolderLockedError
+from latentdiff.training import checkpointing
 from latentdiff.training.distributed import DistContext
 from latentdiff.training.ema import EMA
 from latentdiff.training.feed import BatchFeed
+from latentdiff.training.guard import MAX_SKIPPED_STEPS, NonFiniteError, NonFiniteGuard, step_unless
 from latentdiff.training.logging import LossLog, save_image_grid
 from latentdiff.training.objectives import build_objective
 from latentdiff.training.optim import build_optimizer, build_scheduler
+from latentdiff.training.sharding import clip_grad_norm, full_state_dicts, no_gradient_sync, shard_trainable, use_fsdp
 from latentdiff.training.state import (
-    TrainCheckpointError,
-    capture_rng,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     remove_stale_temp_files,
-    restore_rng,
-    save_checkpoint,
+    seed_everything,
 )
 
-MAX_SKIPPED_STEPS = 20
-
-
-class NonFiniteError(RuntimeError):
-    """The loss or the gradients became NaN/inf; nothing was saved after the last good checkpoint."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+__all__ = ["MAX_SKIPPED_STEPS", "NonFiniteError", "Trainer", "seed_everything"]
 
 
 class Trainer:
@@ -126,7 +118,10 @@ class Trainer:
             for module in self.objective.trainable.values():
                 module.compile()
         self.model = self.objective
-        if dist.enabled:
+        self.sharded = use_fsdp(cfg, dist)  # FSDP2 shards the trainable networks in place; the objective stays
+        if self.sharded:
+            shard_trainable(self.objective, self.amp_dtype, cfg.distributed, self.device)
+        elif dist.enabled:
             self.model = DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.objective.find_unused_parameters)
@@ -138,7 +133,7 @@ class Trainer:
         ema_modules = {n: self.objective.trainable[n] for n in self.objective.ema_names}
         self.ema = EMA(ema_modules, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.feed = BatchFeed(cfg.data, dist.rank, dist.world_size, pin_memory=self.device.type == "cuda")
-        self.log = LossLog(self.outdir / "log.jsonl", self.outdir / "loss.png")
+        self.log = LossLog(self.outdir / "log.jsonl", self.outdir / "loss.png", 30.0, self.outdir / "tensorboard")
         self.step = 0
         self.samples = 0  # samples seen by all ranks
         self.elapsed = 0.0  # training seconds before this process
@@ -178,55 +173,24 @@ class Trainer:
                       f"abandoned-{path.name}", file=sys.stderr)
 
     def _load_state(self, state: dict, path: Path) -> None:
-        saved = json.loads(state["config"])
-        for section in ("model", "objective"):
-            if saved[section] != to_dict(self.cfg)[section]:
-                raise TrainCheckpointError(f"{path} was trained with a different {section} config; resume it with "
-                                           f"its own config (saved in {self.outdir / 'config.yaml'})")
-        for name, module in self.objective.trainable.items():
-            module.load_state_dict(state["modules"][name])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-            self.schedulers[name].load_state_dict(state["schedulers"][name])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None:
-            if state["ema"] is None:
-                raise TrainCheckpointError(f"{path} has no EMA weights but ema.enabled is true")
-            self.ema.load_state_dict(state["ema"])
-        self.objective.load_extra_state(state["objective"])
-        self.feed.load_state_dict(state["data"])
-        self.step, self.samples = int(state["step"]), int(state["samples"])
-        self.elapsed, self.skipped = float(state["elapsed"]), int(state["skipped"])
-        rngs = state["rng"]
-        if len(rngs) == self.dist.world_size:
-            restore_rng(rngs[self.dist.rank])
-        else:
-            print(f"warning: {path} was written by {len(rngs)} rank(s), this run has {self.dist.world_size}; "
-                  f"random streams are reseeded", file=sys.stderr)
-            seed_everything(self.cfg.seed + 1 + self.dist.rank + 7919 * self.step)
+        checkpointing.restore(self, state, path)
 
     def save_checkpoint(self) -> None:
-        rngs = self.dist.all_gather_object(capture_rng())
-        if self.dist.is_main:
-            state = {
-                "config": config_to_json(self.cfg), "world_size": self.dist.world_size,
-                "modules": {n: m.state_dict() for n, m in self.objective.trainable.items()},
-                "ema": self.ema.state_dict() if self.ema is not None else None,
-                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
-                "scaler": self.scaler.state_dict(), "rng": rngs, "data": self.feed.state_dict(),
-                "objective": self.objective.extra_state(), "samples": self.samples,
-                "elapsed": self.elapsed + time.perf_counter() - self._t_start, "skipped": self.skipped,
-            }
-            save_checkpoint(self.ckpt_dir, self.step, state, self.cfg.keep_checkpoints)
-        self.dist.barrier()
+        """Every rank calls this: a file from rank 0 (ddp), or a sharded ``.dcp`` folder from all ranks (fsdp)."""
+        checkpointing.save(self)
 
     def export(self) -> Path:
         """Write ``model.safetensors`` (EMA weights when enabled), readable by ``load_pipeline``/``load_model_file``,
-        and the objective's other exports (a LoRA run's ``lora.safetensors``)."""
+        and the objective's other exports (a LoRA run's ``lora.safetensors``). Sharded runs call it on every rank:
+        the sharded networks' whole weights are gathered to rank 0's CPU, which writes the same file as DDP."""
         path = self.outdir / "model.safetensors"
         with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
             model_cfg, modules = self.objective.export()
+            if self.sharded:
+                modules = {**modules, **full_state_dicts({n: modules[n] for n in self.objective.trainable
+                                                           if n in modules})}
+                if not self.dist.is_main:
+                    return path
             save_model_file(path, model_cfg, modules, overwrite=True,
                             extra_metadata={"name": self.outdir.name, "step": str(self.step),
                                             "ema": str(self.ema is not None).lower()})
@@ -234,12 +198,20 @@ class Trainer:
         return path
 
     # -- the loop -----------------------------------------------------------------------------------------------
+    def _no_sync(self):
+        """Accumulate gradients locally (no all-reduce / reduce-scatter) for a micro-batch that is not the last."""
+        return no_gradient_sync(self.objective.trainable.values()) if self.sharded else self.model.no_sync()
+
     def _autocast(self):
         enabled = self.amp_dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=enabled)
 
     def _next_batch(self) -> dict:
+        """The next batch on the device (asynchronous copy); the host seconds spent waiting for the reader add up
+        in ``_data_wait`` (logged as ``data_wait_s``)."""
+        start = time.perf_counter()
         batch = next(self.feed)
+        self._data_wait += time.perf_counter() - start
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def train_step(self) -> dict[str, float]:
@@ -257,7 +229,7 @@ class Trainer:
                 self.objective.prepare(batch, self.dist)
                 self._fresh_start = False
             sync = self.dist.enabled and i < A - 1
-            with self.model.no_sync() if sync else contextlib.nullcontext():
+            with self._no_sync() if sync else contextlib.nullcontext():
                 with self._autocast():
                     loss, logs = self.model(batch, self.step)
                 self.scaler.scale(loss / A).backward()
@@ -265,25 +237,19 @@ class Trainer:
             for k, v in logs.items():
                 terms[k] = terms.get(k, 0.0) + v.float() / A
             self.samples += len(batch["caption"]) * self.dist.world_size
-        # 2. guard against non-finite loss (collectively, so every rank stops together)
+        # 2. guard, on the device: the loss (mean over ranks, so every rank decides alike) and the gradient norms
         loss_mean = self.dist.all_reduce_sum(loss_sum / A) / self.dist.world_size
-        if not torch.isfinite(loss_mean):
-            raise NonFiniteError(f"the loss became {loss_mean.item()} at step {self.step}")
         grad_norms = {}
         for name, opt in self.optimizers.items():
-            self.scaler.unscale_(opt)
+            self.scaler.unscale_(opt)  # fp16: also records GradScaler's found_inf for scaler.update()
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else math.inf
-            grad_norms[name] = torch.nn.utils.clip_grad_norm_(params, max_norm).item() if params else 0.0
-        if not all(math.isfinite(n) for n in grad_norms.values()):
-            self.skipped += 1
-            if not self.scaler.is_enabled() or self.skipped >= MAX_SKIPPED_STEPS:
-                raise NonFiniteError(f"non-finite gradient norm {grad_norms} at step {self.step}")
-        else:
-            self.skipped = 0
-        # 3. update
+            grad_norms[name] = (clip_grad_norm(params, max_norm) if params
+                                else torch.zeros((), device=self.device))
+        skip = self.guard.record(self.step, loss_mean, list(grad_norms.values()))
+        # 3. update (skipped on the device when the guard says so)
         for opt in self.optimizers.values():
-            self.scaler.step(opt)
+            step_unless(opt, skip)
         self.scaler.update()
         for sched in self.schedulers.values():
             sched.step()
@@ -307,9 +273,7 @@ class Trainer:
             save_config(self.cfg, self.outdir / "config.yaml")
             remove_stale_temp_files(self.ckpt_dir)
             self.log.truncate_after(self.step)
-        self._fresh_start = self.resumed_from is None
-        self._sample_batch: dict | None = None
-        self._t_start = time.perf_counter()
+        self._begin_loop()
         bar = tqdm(total=self.stop_step, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.progress)
         acc: dict[str, list] = {}  # metric -> [sum, count] over the log interval
         t_log, s_log, record = time.perf_counter(), self.samples, {}
@@ -321,20 +285,34 @@ class Trainer:
                 acc[k][1] += 1
             bar.update(1)
             last = self.step == self.stop_step or self._out_of_time()
-            if self.step % cfg.log_every == 0 or last:
+            log, ckpt = self.step % cfg.log_every == 0 or last, self.step % cfg.checkpoint_every == 0 or last
+            sample = bool(cfg.sample_every) and (self.step % cfg.sample_every == 0 or last)
+            if log or ckpt or sample:  # the sync point (every rank alike): a fatal step raises here
+                self.skipped = self.guard.check()
+            if log:
                 record = self._log_record(acc, t_log, s_log)
                 acc, t_log, s_log = {}, time.perf_counter(), self.samples
                 bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.2e}")
-            if dist.is_main and cfg.sample_every and (self.step % cfg.sample_every == 0 or last):
+            if (dist.is_main or self.sharded) and sample:  # sharded: every rank runs the networks
                 self.save_samples(self._sample_batch)
-            if self.step % cfg.checkpoint_every == 0 or last:
+            if ckpt:
                 self.save_checkpoint()
         bar.close()
         if dist.is_main:
             self.log.plot(force=True)
+        if dist.is_main or self.sharded:  # sharded: every rank takes part in gathering the weights
             self.export()
         dist.barrier()
         return record
+
+    def _begin_loop(self) -> None:
+        """The state :meth:`train_step` needs: the device-side non-finite guard (resumed skip count), the data-wait
+        clock, the sample grids' batch, the loop's start time."""
+        self._fresh_start = self.resumed_from is None
+        self._sample_batch: dict | None = None
+        self._data_wait = 0.0  # host seconds in next(feed) since the last log record
+        self.guard = NonFiniteGuard(self.device, list(self.optimizers), self.scaler.is_enabled(), self.skipped)
+        self._t_start = time.perf_counter()
 
     def _out_of_time(self) -> bool:
         if self.max_seconds is None:
@@ -351,12 +329,14 @@ class Trainer:
         """Average the interval's metrics over steps and ranks; rank 0 appends them to the log and the plot."""
         keys = sorted(acc)
         values = torch.stack([torch.as_tensor(acc[k][0], dtype=torch.float64, device=self.device) / acc[k][1]
-                              for k in keys])
-        values = (self.dist.all_reduce_sum(values) / self.dist.world_size).tolist()
+                              for k in keys] + [torch.tensor(self._data_wait, dtype=torch.float64, device=self.device)])
+        *values, data_wait = (self.dist.all_reduce_sum(values) / self.dist.world_size).tolist()
         seconds = time.perf_counter() - t_log
+        self._data_wait = 0.0
         record = {"step": self.step, "epoch": self.feed.epoch, "samples": self.samples, **dict(zip(keys, values)),
                   "lr": self.schedulers["main"].get_last_lr()[0],
                   "samples_per_s": (self.samples - s_log) / max(seconds, 1e-9),
+                  "data_wait_s": data_wait, "data_wait_share": data_wait / max(seconds, 1e-9),
                   "elapsed_s": self.elapsed + time.perf_counter() - self._t_start,
                   "data_errors": self.feed.stats.sample_errors}
         if self.scaler.is_enabled():
@@ -367,11 +347,13 @@ class Trainer:
         return record
 
     def save_samples(self, batch: dict) -> Path:
-        """Sample grid at the current step (EMA weights when enabled), without touching any RNG stream."""
+        """Sample grid at the current step (EMA weights when enabled), without touching any RNG stream. Sharded runs
+        call it on every rank (the networks' forward gathers weights from all of them); rank 0 writes the grid."""
         path = self.outdir / "samples" / f"step_{self.step:08d}.png"
         devices = [self.device.index] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), self._autocast():
             with self.ema.swapped() if self.ema is not None else contextlib.nullcontext():
                 images, cols = self.objective.sample_images(batch)
         self.objective.train()
-        return save_image_grid(images.float(), path, cols=cols)
+        grid = save_image_grid(images.float(), path, cols=cols) if self.dist.is_main else None
+        return self.log.add_image_grid(self.step, grid) if grid is not None else path  # + TensorBoard

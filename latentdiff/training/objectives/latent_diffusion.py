@@ -14,7 +14,8 @@ a frozen KL autoencoder, conditioned on text through cross-attention.
    classifier-free guidance needs (Ho & Salimans, 2022, Alg. 1); the pipeline's unconditional branch encodes ""
    the same way.
 3. t ~ U{0, ..., T−1}, ε ~ N(0, I); loss = E[w(t) ‖ε_θ(x_t, t, τ_θ(y)) − target‖²] via
-   :func:`latentdiff.diffusion.gaussian.training_losses` (w = 1, or min-SNR-γ, Hang et al., 2023, Eq. 9).
+   :func:`latentdiff.diffusion.gaussian.training_losses` (w = 1, or min-SNR-γ, Hang et al., 2023, Eq. 9), with
+   the optional ``noise_offset`` (offset noise) and ``input_perturbation`` (Ning et al., 2023) of that function.
 
 The latent scale s: with ``scale_latents_by_std`` a fresh run sets s = 1 / std(z − shift) over its first batch
 (all ranks), as CompVis ``scale_by_std`` does, so the diffusion model sees roughly unit-variance latents; s is
@@ -158,7 +159,8 @@ class LatentDiffusionObjective(Objective):
         schedule = self._schedule_on(z0.device)
         t = sample_timesteps(B, schedule.num_timesteps, device=z0.device)  # step 3
         out = training_losses(schedule, self.unet, z0, t, model_kwargs={"context": context},
-                              min_snr_gamma=self.cfg.min_snr_gamma)
+                              min_snr_gamma=self.cfg.min_snr_gamma, noise_offset=self.cfg.noise_offset,
+                              input_perturbation=self.cfg.input_perturbation)
         return out["loss"].mean(), {"mse": out["mse"].mean().detach()}
 
     @torch.no_grad()

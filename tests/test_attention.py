@@ -118,3 +118,34 @@ def test_spatial_transformer_conv_and_linear_projections_agree():
     out = conv(x, context)
     assert out.shape == x.shape
     torch.testing.assert_close(linear(x, context), out)
+
+
+def test_auto_falls_back_to_sdpa_once_when_xformers_has_no_kernel(monkeypatch):
+    """An xformers wheel built for another torch imports but finds no operator: under ``auto`` the op warns once
+    and gives SDPA's result from then on; the explicit ``xformers`` backend raises."""
+    import latentdiff.models.attention as A
+
+    class BrokenXformers:
+        calls = 0
+
+        @classmethod
+        def memory_efficient_attention(cls, q, k, v):
+            cls.calls += 1
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(A, "_xops", BrokenXformers)
+    monkeypatch.setattr(A, "_XFORMERS_FAILED", None)
+    monkeypatch.setattr(A, "attention_kernel", lambda device: "xformers" if A._XFORMERS_FAILED is None else "sdpa")
+    monkeypatch.setattr(A, "_BACKEND", "auto")
+    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
+    ref = F.scaled_dot_product_attention(*(x.view(2, 5, 2, 4).transpose(1, 2) for x in (q, k, v)))
+    ref = ref.transpose(1, 2).reshape(2, 5, 8)
+    with pytest.warns(UserWarning, match="uses PyTorch SDPA"):
+        out = A.attention(q, k, v, heads=2)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(A.attention(q, k, v, heads=2), ref)  # no second try, no second warning
+    assert BrokenXformers.calls == 1 and "No operator" in A._XFORMERS_FAILED
+    monkeypatch.setattr(A, "_BACKEND", "xformers")
+    monkeypatch.setattr(A, "attention_kernel", lambda device: "xformers")
+    with pytest.raises(NotImplementedError):
+        A.attention(q, k, v, heads=2)

@@ -1,4 +1,5 @@
-"""The txt2img flags of the fast paths (latentdiff/pipelines/fast.py): --tiled-decode, --tile-size, --compile.
+"""The txt2img flags of the fast paths (latentdiff/pipelines/fast.py): --tiled-decode, --tile-size, --compile,
+--compile-mode, --deepcache, --deepcache-branch.
 
 Nothing here imports torch, so that ``latentdiff txt2img --help`` stays cheap.
 """
@@ -7,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from latentdiff.cli.common import POSITIVE, fail
+from latentdiff.cli.common import NON_NEGATIVE, POSITIVE, fail
 
 DEFAULT_TILE = 512  # pixels; latentdiff.models.tiling.DEFAULT_TILE (not imported: that would import torch)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # fast.COMPILE_MODES
+DEFAULT_BRANCH = 1  # FastPathMixin.enable_deepcache's default branch
 
 
 def add_fast_arguments(p: argparse.ArgumentParser) -> None:
@@ -25,6 +27,12 @@ def add_fast_arguments(p: argparse.ArgumentParser) -> None:
                         "each prints its compile time; where compiling fails, eager with one warning line")
     p.add_argument("--compile-mode", default=None, choices=COMPILE_MODES,
                    help="torch.compile mode for --compile (default: default)")
+    p.add_argument("--deepcache", type=POSITIVE, default=None, metavar="N",
+                   help="DeepCache step caching (latent-diffusion models): the whole U-Net every N steps, only its "
+                        "shallow part (reusing the cached deep features) in between; faster, approximate; 1 = off")
+    p.add_argument("--deepcache-branch", type=NON_NEGATIVE, default=None, metavar="K",
+                   help=f"skip branch whose deeper features --deepcache reuses (default {DEFAULT_BRANCH}; 0 is the "
+                        f"shallowest and fastest, up to the U-Net's input block count - 1)")
 
 
 def apply_fast_arguments(pipe, args: argparse.Namespace) -> None:
@@ -44,3 +52,13 @@ def apply_fast_arguments(pipe, args: argparse.Namespace) -> None:
         if pipe.config.type == "vq_diffusion":
             fail("--compile applies to latent-diffusion models only")
         pipe.compile(mode=args.compile_mode or "default", verbose=True)
+    if args.deepcache_branch is not None and args.deepcache is None:
+        fail("--deepcache-branch applies only with --deepcache")
+    if args.deepcache is not None:
+        if pipe.config.type == "vq_diffusion":
+            fail("--deepcache applies to latent-diffusion models only")
+        try:
+            pipe.enable_deepcache(args.deepcache, DEFAULT_BRANCH if args.deepcache_branch is None
+                                  else args.deepcache_branch)
+        except ValueError as e:
+            fail(f"--deepcache-branch: {e}")

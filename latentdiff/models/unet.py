@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from latentdiff.config import UNetConfig
-from latentdiff.models.attention import SpatialTransformer
+from latentdiff.models.attention import SpatialTransformer, fuse_qkv, unfuse_qkv
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -223,3 +223,52 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = run(block, torch.cat([h, skips.pop()], dim=1))  # (B, C + C_skip, H', W')
         return self.out(h).to(x_t.dtype)  # (B, out_channels, h, w)
+
+    # -- fast paths (#13): step caching (DeepCache) and fused attention projections ---------------------------
+    def forward_deepcache(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, branch: int,
+                          deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward of DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free", Sec. 3.2):
+        ``(output, deep)``.
+
+        Skip branch ``branch`` = k in [0, len(input_blocks)) joins input block k to output block K - 1 - k (K the
+        number of input blocks). ``deep`` is the feature entering output block K - 1 - k from below (before its
+        concatenation with skip k): everything deeper than branch k, the middle block included.
+        - ``deep`` None (a full step): the whole U-Net, the same operations as :meth:`forward` (equal outputs);
+          returns the deep feature for later steps.
+        - ``deep`` given (a shallow step): only input blocks 0..k and output blocks K - 1 - k..K - 1 run, the
+          cached ``deep`` standing in for the deeper part; returns ``deep`` unchanged.
+        x_t: (B, in_channels, h, w); deep: (B, C_k, h_k, w_k) -> (B, out_channels, h, w), deep.
+        """
+        K = len(self.input_blocks)
+        if not 0 <= branch < K:
+            raise ValueError(f"DeepCache branch {branch} must be between 0 and {K - 1} (this U-Net's skip branches)")
+        t = torch.as_tensor(t, device=x_t.device)
+        self._check_inputs(x_t, t, context)
+        B = x_t.shape[0]
+        dtype = self.out[2].weight.dtype
+        emb = self.time_embed(timestep_embedding(t.expand(B), self.cfg.model_channels).to(dtype))  # (B, 4*mc)
+        h = x_t.to(dtype)
+        context = context.to(dtype)
+        skips = []
+        for block in self.input_blocks[:K if deep is None else branch + 1]:
+            h = block(h, emb, context)
+            skips.append(h)
+        if deep is None:
+            h = self.middle_block(h, emb, context)
+            for block in self.output_blocks[:K - 1 - branch]:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H', W')
+            deep = h  # (B, C_k, h_k, w_k)
+        elif deep.shape[0] != B:
+            raise ValueError(f"DeepCache: cached features of batch {deep.shape[0]} for an input of batch {B}")
+        h = deep.to(dtype)
+        for block in self.output_blocks[K - 1 - branch:]:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H', W')
+        return self.out(h).to(x_t.dtype), deep  # (B, out_channels, h, w)
+
+    def fuse_qkv(self) -> int:
+        """Fuse the attention projections (:func:`latentdiff.models.attention.fuse_qkv`); returns how many."""
+        return fuse_qkv(self)
+
+    def unfuse_qkv(self) -> int:
+        """Split fused projections back into to_q, to_k, to_v (:func:`latentdiff.models.attention.unfuse_qkv`)."""
+        return unfuse_qkv(self)

@@ -24,14 +24,15 @@ from latentdiff.pipelines.vq import VQDiffusionPipeline
 PIPELINES: dict[str, type] = {"latent_diffusion": LatentDiffusionPipeline, "vq_diffusion": VQDiffusionPipeline}
 
 
-def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwargs):
+def load_pipeline(path: str | Path | None = None, device=None, dtype=None, compile: bool = False, **kwargs):
     """Load a text-to-image pipeline.
 
     ``path``: ``None`` or ``"default"`` (the embedded latent-diffusion model), ``"default-vq"`` (the embedded
     VQ-Diffusion model) -- both stored in float16 and loaded in float32 unless ``dtype`` is given --, the
     project's ``.safetensors`` model file, a Stable Diffusion single file (``.safetensors``/``.ckpt``) or a diffusers
     folder (Stable Diffusion, or VQ-Diffusion: ``model_index.json`` naming ``VQDiffusionPipeline``).
-    ``device``/``dtype`` move it after loading. Extra keyword arguments go to the Stable Diffusion loaders
+    ``device``/``dtype`` move it after loading. ``compile=True`` switches the fast path on (``pipe.compile()``,
+    latent-diffusion models; ValueError for VQ-Diffusion). Extra keyword arguments go to the Stable Diffusion loaders
     (``prediction_type``, ``use_ema``, ``overrides``, ``dtype`` of the weights).
     Raises :class:`~latentdiff.io.checkpoint.CheckpointError` (a ``ValueError``) with a clear message.
     """
@@ -41,6 +42,8 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
         raise TypeError(f"dtype must be a torch.dtype such as torch.float16, got {type(dtype).__name__} {dtype!r:.80}")
     if device is not None and (isinstance(device, bool) or not isinstance(device, (str, int, torch.device))):
         raise TypeError(f"device must be a str, an index or a torch.device, got {type(device).__name__} {device!r:.80}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {type(compile).__name__} {compile!r:.80}")
     if path is None or (isinstance(path, str) and path in EMBEDDED_MODELS):
         path = EMBEDDED_MODELS[path or "default"]
         if not path.is_file():
@@ -64,6 +67,10 @@ def load_pipeline(path: str | Path | None = None, device=None, dtype=None, **kwa
     pipe.source = path
     if device is not None or dtype is not None:
         pipe.to(device=device, dtype=dtype)
+    if compile:  # the fast path (#13): torch.compile of the U-Net and the decoder, after the move
+        if not hasattr(pipe, "compile"):
+            raise ValueError(f"compile=True applies to latent-diffusion models; {path} is a {pipe.config.type} model")
+        pipe.compile()
     return pipe
 
 

@@ -40,7 +40,9 @@ class LoRAMixin:
     def load_lora(self, path: str | Path, scale: float = 1.0, name: str | None = None) -> str:
         """Add the LoRA of file ``path`` with strength ``scale`` as ``name`` (default: the file's stem) to the U-Net
         and text encoder; returns the name. Nothing is changed when it fails: ValueError for a missing or unreadable
-        file, keys that fit no layer of this model (named), weights of the wrong shape, a name already loaded."""
+        file, keys that fit no layer of this model (named), weights of the wrong shape, a name already loaded.
+        Fused attention projections (``fuse_qkv``) are split back into to_q, to_k, to_v first, the layers LoRA
+        files adapt (the outputs are unchanged)."""
         path = Path(path)
         name = path.stem if name is None else str(name)
         scale = float(scale)
@@ -48,6 +50,7 @@ class LoRAMixin:
             raise ValueError(f"LoRA scale {scale} must be a finite number")
         if any(lo.name == name for lo in self.loaded_loras):
             raise ValueError(f"a LoRA named {name!r} is already loaded (unload_lora({name!r}) first)")
+        self.unet.unfuse_qkv()  # fused q/k/v (pipelines/fast.py fuse_qkv): LoRA files name to_q, to_k, to_v
         modules = {"unet": self.unet, "text_encoder": self.text_encoder}
         entries = match_lora(read_lora(path), layer_names(self.unet, self.text_encoder), source=str(path))
         layers = {c: target_layers(m) for c, m in modules.items()}

@@ -139,7 +139,7 @@ def test_model_default_sampler_and_steps(pipe):
 
 
 @pytest.mark.parametrize("sampler, label", [("ddim", "DDIM"), ("ddpm", "DDPM"), ("dpmpp_2m", "DPM++ 2M"),
-                                            ("euler_a", "Euler a")])
+                                            ("dpmpp_2m_karras", "DPM++ 2M Karras"), ("euler_a", "Euler a")])
 def test_parameters_name_samplers_as_automatic1111(sampler, label):
     from latentdiff.io.images import GenerationParams, sampler_id
 
@@ -154,7 +154,7 @@ def test_parameters_name_samplers_as_automatic1111(sampler, label):
 def test_unknown_sampler_names_pass_through():
     from latentdiff.io.images import sampler_id
 
-    assert sampler_id("DPM++ 2M Karras") == "dpmpp_2m"
+    assert sampler_id("DPM++ 2M Karras") == "dpmpp_2m_karras"
     assert sampler_id("Euler") == "Euler" and sampler_id("VQ-Diffusion") == "VQ-Diffusion"
     assert parse_parameters("a car\nSteps: 20, Sampler: UniPC")["Sampler"] == "UniPC"
 

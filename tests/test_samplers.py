@@ -84,6 +84,7 @@ CASES = (
                                       (7, "trailing", 0), (20, "linspace", 0), (1, "leading", 1)]]
     + [("dpmpp_2m", {"use_karras_sigmas": True}, *c) for c in [(25, "leading", 1), (7, "trailing", 0),
                                                                (2, "leading", 0)]]
+    + [("dpmpp_2m_karras", {}, 10, "trailing", 0)]  # the sampler id of AUTOMATIC1111's "DPM++ 2M Karras"
     + [("euler_a", {}, *c) for c in [(25, "leading", 1), (7, "leading", 0), (10, "trailing", 0),
                                      (7, "trailing", 0), (20, "linspace", 0)]]
 )
@@ -96,7 +97,8 @@ CASES = (
 def test_matches_diffusers(monkeypatch, kind, sampler, extra, steps, spacing, offset):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     model = toy_model(kind)
-    ref_sched = diffusers_scheduler(sampler, kind, spacing, offset, extra.get("use_karras_sigmas", False))
+    karras = extra.get("use_karras_sigmas", False) or sampler == "dpmpp_2m_karras"
+    ref_sched = diffusers_scheduler(sampler.removesuffix("_karras"), kind, spacing, offset, karras)
     ref_sched.set_timesteps(steps)
     step_kwargs = {"eta": extra["eta"]} if sampler == "ddim" else {}
     ref = reference(monkeypatch, ref_sched, model, x_T, noises(x_T, steps + 1), **step_kwargs)

@@ -106,6 +106,19 @@ def test_txt2img_with_webuiapi(server):
         assert np.array_equal(pixels(image), pixels(expected[i]))
 
 
+@pytest.mark.parametrize("fields", [{"sampler_name": "DPM++ 2M Karras"},
+                                    {"sampler_name": "DPM++ 2M", "scheduler": "Karras"}])
+def test_dpmpp_2m_karras_both_ways_of_asking(server, fields):
+    """AUTOMATIC1111 names it "DPM++ 2M Karras" (before 1.9) or "DPM++ 2M" with the scheduler "Karras"; both give
+    DPM-Solver++(2M) on Karras sigmas, which differs from the plain sampler's images."""
+    r = server.api().txt2img(prompt=PROMPT, seed=5, width=32, height=32, steps=5, cfg_scale=3, **fields)
+    assert "Sampler: DPM++ 2M Karras," in r.image.info["parameters"]
+    expected = alone(server, PROMPT, 5, steps=5, scale=3, sampler="dpmpp_2m_karras", height=32, width=32)
+    plain = alone(server, PROMPT, 5, steps=5, scale=3, sampler="dpmpp_2m", height=32, width=32)
+    assert np.array_equal(pixels(r.image), pixels(expected[0]))
+    assert not np.array_equal(pixels(expected[0]), pixels(plain[0]))
+
+
 def test_seed_minus_one_is_random_and_recorded(server):
     api = server.api()
     a = api.txt2img(prompt=PROMPT, seed=-1, width=32, height=32, steps=2)
@@ -129,7 +142,7 @@ def test_img2img_with_webuiapi(server):
 def test_samplers_models_options(server):
     api = server.api()
     names = [s["name"] for s in api.get_samplers()]
-    assert {"Euler a", "DPM++ 2M", "DDIM", "DDPM"} == set(names)
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "DDPM"} == set(names)
     models = api.get_sd_models()
     assert [m["model_name"] for m in models] == ["default", "tiny"]
     assert all(m["title"] == f"{m['model_name']} [{m['hash']}]" and len(m["hash"]) == 10 for m in models)
@@ -314,8 +327,8 @@ def corpus() -> list[tuple[str, str, object]]:
     bad_values = {"steps": [0, -1, 151, 10**12, 2**64], "width": [0, -32, 33, 100000, 10**30],
                   "height": [-1, 7, 2**40], "seed": [-2, 2**32, 2**70, -(2**63)], "cfg_scale": [-1, 1e6, 1e308],
                   "batch_size": [0, -3, 17, 10**9], "n_iter": [0, 5000], "eta": [-0.5],
-                  "sampler_name": ["nope", "DPM++ 2M Karras", "../../etc/passwd"],
-                  "scheduler": ["karras", "exponential"], "prompt": ["x" * 2001], "negative_prompt": ["y" * 3000],
+                  "sampler_name": ["nope", "DPM++ 3M", "../../etc/passwd"],
+                  "scheduler": ["exponential", "sgm_uniform"], "prompt": ["x" * 2001], "negative_prompt": ["y" * 3000],
                   "enable_hr": [True], "restore_faces": [True], "tiling": [True], "subseed_strength": [0.5],
                   "script_name": ["x/y"], "alwayson_scripts": [{"ControlNet": {"args": []}}], "styles": [["s"]],
                   "override_settings": [{"sd_model_checkpoint": "/etc/passwd"}, {"CLIP_stop_at_last_layers": 2},

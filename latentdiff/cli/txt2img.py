@@ -67,6 +67,7 @@ from latentdiff.cli.txt2img_inputs import apply_png, check_png_against, load_lor
 GRID_MAX = 64  # images in a grid at most; larger runs write none
 SIDE = Int(1, 16384)  # --H, --W in pixels
 UNIT = Float(0.0, 1.0, low_open=True)  # (0, 1]: --strength, --truncation
+FRACTION = Float(0.0, 1.0)  # [0, 1]: --guidance-rescale
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -97,6 +98,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "model's own (its config's sampler: euler_a for the embedded model, ddim for Stable "
                         "Diffusion)")
     p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--guidance-rescale", type=FRACTION, default=0.0, metavar="PHI",
+                   help="guidance rescale in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale; 0.7 for "
+                        "zero-terminal-SNR models), latent diffusion only; recorded as 'CFG Rescale phi'")
     p.add_argument("--truncation", type=UNIT, default=None,
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
                         "default: the model's truncation_rate")
@@ -200,6 +204,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         except ValueError as e:
             fail(f"--clip-skip: {e}")
         prompt_kwargs["clip_skip"] = args.clip_skip
+    if args.guidance_rescale:  # --guidance-rescale
+        if pipe.config.type == "vq_diffusion":
+            fail("--guidance-rescale applies to latent-diffusion models only")
+        prompt_kwargs["guidance_rescale"] = args.guidance_rescale
     apply_fast_arguments(pipe, args)
     encoded_prompts = load_loras(pipe, args, prompts)
     if png is not None and set(png.get("loras", ())) - {n for n, _, _ in pipe.loras} - tag_names(prompts):

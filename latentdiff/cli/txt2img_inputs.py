@@ -40,7 +40,7 @@ def tag_names(prompts: list[str]) -> set[str]:
 
 # Options a --from-png PNG supplies unless given on the command line (args attribute names).
 PNG_OPTIONS = ("negative_prompt", "steps", "sampler", "scale", "seed", "H", "W", "eta", "strength", "truncation",
-               "mask_blur", "clip_skip")
+               "mask_blur", "clip_skip", "guidance_rescale", "deepcache", "deepcache_branch")
 
 
 def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.ArgumentParser) -> dict:
@@ -86,8 +86,8 @@ def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.Arg
 
 def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
     """Warn when the --from-png PNG names another model; drop the PNG's settings that the loaded model has no use
-    for (a VQ-Diffusion truncation on a latent-diffusion model, a clip skip on a VQ-Diffusion model, the
-    VQ-Diffusion sampler name)."""
+    for (a VQ-Diffusion truncation on a latent-diffusion model, a clip skip or guidance rescale on a VQ-Diffusion
+    model, the VQ-Diffusion sampler name)."""
     from latentdiff.diffusion.samplers import SAMPLERS
 
     if png["model"] and png["model"] != pipe.name:
@@ -98,6 +98,8 @@ def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
         args.truncation = None
     if "clip_skip" in png["from_png"] and vq:
         args.clip_skip = 1
+    if "guidance_rescale" in png["from_png"] and vq:
+        args.guidance_rescale = 0.0
     if "sampler" in png["from_png"] and args.sampler not in SAMPLERS:
         if not vq:
             fail(f"--from-png {args.from_png}: sampler {args.sampler!r} is not one of ours "

@@ -21,6 +21,7 @@ sample is kept in (at least) float32 and handed to the model in ``x_T``'s dtype.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -243,7 +244,17 @@ def euler_a(model, schedule: DiffusionSchedule, x_T: torch.Tensor, opts: Sampler
 
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m,
-                                                    "euler_a": euler_a}
+                                                    "dpmpp_2m_karras": dpmpp_2m, "euler_a": euler_a}
+# Sampler ids that name another sampler with one option set: AUTOMATIC1111's "DPM++ 2M Karras" is DPM-Solver++(2M)
+# on Karras noise levels (diffusers' DPMSolverMultistepScheduler with use_karras_sigmas=True).
+KARRAS_VARIANTS = {"dpmpp_2m_karras": "dpmpp_2m"}
+
+
+def _resolve(sampler: str, use_karras_sigmas: bool) -> tuple[str, bool]:
+    """(sampler, use_karras_sigmas) with a Karras variant id spelled out as its base sampler and the flag."""
+    if isinstance(sampler, str) and sampler in KARRAS_VARIANTS:
+        return KARRAS_VARIANTS[sampler], True
+    return sampler, use_karras_sigmas
 
 
 def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str = "ddim", steps: int = 50,
@@ -256,7 +267,8 @@ def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str =
     after x_T (a list: one generator per row of x_T, each row's noise from its own). ``timestep_spacing``:
     leading | trailing | linspace, as diffusers; ``steps_offset`` is added to
     leading timesteps (Stable Diffusion configs use 1 with leading; default 0). ``use_karras_sigmas``: Karras
-    noise levels (dpmpp_2m only). ``callback(i, steps, x_t, pred_x0)`` runs after each step.
+    noise levels (dpmpp_2m only; the sampler id ``dpmpp_2m_karras`` sets it). ``callback(i, steps, x_t, pred_x0)``
+    runs after each step.
     ``start_step`` = k in 0..steps-1 (img2img; None: x_T is pure noise) skips the run's first k steps: x_T is then
     x_{t_k}, the sample at step k's noise level in the VP scale (:func:`noise_to_step` makes it, also for k = 0),
     and steps - k model evaluations follow, each with the coefficients of the full run (DPM-Solver++ takes a
@@ -265,6 +277,7 @@ def sample(model, schedule: DiffusionSchedule, x_T: torch.Tensor, sampler: str =
     noise, before ``callback``): it gets and returns x_{t_{i+1}}, the sample at the next step's noise level in the
     VP scale (every sampler's, Euler's x_σ divided by √(σ_{i+1}² + 1)), x0 after the last step.
     """
+    sampler, use_karras_sigmas = _resolve(sampler, use_karras_sigmas)
     opts = _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_karras_sigmas, callback,
                     model_kwargs, steps_offset, start_step, step_hook)
     if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.dim() < 1:
@@ -285,6 +298,7 @@ def noise_to_step(x0: torch.Tensor, noise: torch.Tensor, schedule: DiffusionSche
     for dpmpp_2m with ``use_karras_sigmas``, the interpolated σ for euler_a. This is diffusers' ``add_noise`` of
     each scheduler after ``set_begin_index(k)``, in the VP scale (Euler's x0 + σ_k ε, divided by √(σ_k² + 1)).
     """
+    sampler, use_karras_sigmas = _resolve(sampler, use_karras_sigmas)
     if start_step is None:
         raise ValueError("noise_to_step needs start_step, the index of the step to noise to (0..steps-1)")
     _options(schedule, sampler, steps, 0.0, None, timestep_spacing, use_karras_sigmas, None, None, steps_offset,
@@ -316,12 +330,17 @@ def _options(schedule, sampler, steps, eta, generator, timestep_spacing, use_kar
         raise ValueError(f"eta={eta!r}: eta must be >= 0 and is only used by sampler='ddim' (got {sampler!r})")
     if use_karras_sigmas and sampler != "dpmpp_2m":
         raise ValueError(f"use_karras_sigmas is only supported by sampler='dpmpp_2m' (got {sampler!r})")
+    if schedule.zero_terminal_snr and timestep_spacing == "leading":
+        warnings.warn("timestep_spacing='leading' on a zero-terminal-SNR schedule never visits the last timestep: "
+                      "sampling starts from pure noise at a step whose SNR is not zero (Lin et al. 2024, Sec. 3.3); "
+                      "use 'trailing'", stacklevel=3)
     return SamplerOptions(steps=steps, eta=eta, generator=generator, timestep_spacing=timestep_spacing,
                           steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas, callback=callback,
                           model_kwargs=model_kwargs, start_step=start_step, step_hook=step_hook)
 
 
-def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -> Callable[..., torch.Tensor]:
+def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float,
+                             rescale: float = 0.0) -> Callable[..., torch.Tensor]:
     """Wrap ``model(x_t, t, context=...)`` into ``guided(x_t, t, context=..., uncond_context=...)``.
 
     guided = D(x_t, ∅) + scale · (D(x_t, c) - D(x_t, ∅)) (Eq. 6 of Ho & Salimans 2022, written around the
@@ -329,7 +348,16 @@ def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -
     2B. With scale == 1 that is the conditional output: one call on the B conditional inputs, ``uncond_context``
     unused. Guiding a v or x0 output equals guiding ε, since at fixed (x_t, t) each is affine in the others.
     A negative prompt is just the ``uncond_context`` (the pipeline encodes it instead of the empty prompt).
+
+    ``rescale`` φ in [0, 1] (guidance rescale, Eq. 15-16 and Alg. 2 of Lin et al. 2024; diffusers'
+    ``rescale_noise_cfg``): the guided output is scaled back to the per-sample standard deviation of the
+    conditional one, x_rescaled = x_cfg · std(D(x_t, c)) / std(x_cfg) (std over all but the batch axis), and mixed
+    with it, φ · x_rescaled + (1 - φ) · x_cfg. It acts on the network's output as it is (v for a v-prediction
+    model, as in the paper and in diffusers), so it is not the same for ε and v outputs; it counters the
+    over-exposure of large scales on zero-terminal-SNR models. φ = 0 (default) is plain guidance.
     """
+    if not 0.0 <= rescale <= 1.0:
+        raise ValueError(f"guidance rescale={rescale!r} must be in [0, 1]")
 
     def guided(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                uncond_context: torch.Tensor | None = None) -> torch.Tensor:
@@ -342,6 +370,11 @@ def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float) -
                              f"context shape {tuple(context.shape)}")
         out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), context=torch.cat([uncond_context, context]))
         uncond, cond = out.chunk(2)  # (B, ...) each
-        return uncond + scale * (cond - uncond)
+        cfg = uncond + scale * (cond - uncond)
+        if rescale == 0.0:
+            return cfg
+        dims = list(range(1, cfg.dim()))
+        rescaled = cfg * (cond.std(dim=dims, keepdim=True) / cfg.std(dim=dims, keepdim=True))  # Eq. 15
+        return rescale * rescaled + (1.0 - rescale) * cfg  # Eq. 16
 
     return guided

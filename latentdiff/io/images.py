@@ -18,8 +18,9 @@ from PIL import Image, PngImagePlugin
 from latentdiff.atomic import atomic_write
 
 # Our sampler ids (diffusion.samplers.SAMPLERS) -> the names AUTOMATIC1111 writes in its ``parameters`` text.
-SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "euler_a": "Euler a"}
-_LABEL_IDS = {label: sampler for sampler, label in SAMPLER_LABELS.items()} | {"DPM++ 2M Karras": "dpmpp_2m"}
+SAMPLER_LABELS = {"ddpm": "DDPM", "ddim": "DDIM", "dpmpp_2m": "DPM++ 2M", "dpmpp_2m_karras": "DPM++ 2M Karras",
+                  "euler_a": "Euler a"}
+_LABEL_IDS = {label: sampler for sampler, label in SAMPLER_LABELS.items()}
 
 
 def sampler_label(sampler: str) -> str:
@@ -53,6 +54,8 @@ class GenerationParams:
     clip_skip: int = 1  # 1 = the text encoder's own output layer; written only when > 1
     loras: tuple = ()  # (name, scale, short hash) of each LoRA applied
     mask_blur: float | None = None  # inpainting only: the mask's blur in pixels, written even when 0
+    guidance_rescale: float = 0.0  # guidance rescale φ (Lin et al. 2024); written only when > 0
+    deepcache: tuple[int, int] | None = None  # DeepCache (interval, branch) when it was on
 
     def to_text(self) -> str:
         lines = [self.prompt]
@@ -72,6 +75,10 @@ class GenerationParams:
             fields.append(f"Mask blur: {self.mask_blur:g}")
         if self.clip_skip > 1:
             fields.append(f"Clip skip: {self.clip_skip}")
+        if self.guidance_rescale:
+            fields.append(f"CFG Rescale phi: {self.guidance_rescale:g}")
+        if self.deepcache is not None:
+            fields.append(f"DeepCache: {self.deepcache[0]}/{self.deepcache[1]}")
         if self.loras:  # AUTOMATIC1111: Lora hashes: "name1: hash1, name2: hash2" (quoted: it holds ", ")
             hashes = ", ".join(f"{name}: {h}" for name, _, h in self.loras)
             fields.append(f"Lora hashes: {json.dumps(hashes, ensure_ascii=False)}")
@@ -164,7 +171,8 @@ def png_settings(path: str | Path) -> dict:
     """The settings recorded in the ``parameters`` chunk of a PNG that latentdiff wrote, keyed by txt2img's option
     names: prompt, negative_prompt, steps, sampler (our id when it is one of ours), scale, seed, H, W, eta, model, and
     where present loras (the names in ``Lora hashes``), strength (img2img's ``Denoising strength``), mask_blur
-    (inpainting's ``Mask blur``), clip_skip (``Clip skip``), truncation and batch_size/batch_pos (VQ-Diffusion).
+    (inpainting's ``Mask blur``), clip_skip (``Clip skip``), guidance_rescale (``CFG Rescale phi``),
+    deepcache/deepcache_branch (``DeepCache: N/K``), truncation and batch_size/batch_pos (VQ-Diffusion).
     Raises ValueError with one clear message for an unreadable file, a PNG without that chunk, or a text without
     the Steps and Seed fields (or with a malformed value)."""
     try:
@@ -185,7 +193,8 @@ def png_settings(path: str | Path) -> dict:
         if "Sampler" in fields:
             out["sampler"] = fields["Sampler"]
         for key, name in (("scale", "CFG scale"), ("eta", "Eta"), ("strength", "Denoising strength"),
-                          ("truncation", "Truncation"), ("mask_blur", "Mask blur")):
+                          ("truncation", "Truncation"), ("mask_blur", "Mask blur"),
+                          ("guidance_rescale", "CFG Rescale phi")):
             if name in fields:
                 out[key] = float(fields[name])
         if "Size" in fields:
@@ -195,6 +204,11 @@ def png_settings(path: str | Path) -> dict:
                 out[key] = int(fields[name])
     except ValueError as e:
         raise ValueError(f"its 'parameters' text has a malformed value ({e})") from None
+    if "DeepCache" in fields:  # "interval/branch"
+        try:
+            out["deepcache"], out["deepcache_branch"] = (int(v) for v in fields["DeepCache"].split("/"))
+        except ValueError:
+            raise ValueError(f"its DeepCache field {fields['DeepCache']!r} is not interval/branch") from None
     if "Lora hashes" in fields:  # "name1: hash1, name2: hash2" -> the names
         out["loras"] = re.findall(r"(.+?): [0-9a-fA-F]+(?:, |$)", fields["Lora hashes"])
     return out

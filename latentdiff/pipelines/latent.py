@@ -76,7 +76,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
                  strength: float | None = None, clip_skip: int = 1, mask_image=None,
-                 mask_blur: float = 0) -> tuple[torch.Tensor, list[GenerationParams]]:
+                 mask_blur: float = 0, guidance_rescale: float = 0.0) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
         the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
         ``steps``, ``sampler`` and ``scale`` left ``None`` are the model's own (its config's ``steps``, ``sampler``
@@ -104,7 +104,15 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         Prompts and negative prompts take AUTOMATIC1111's syntax (``(word:1.3)``, ``[word]``, ``BREAK``) and any
         length (docs/prompts.md); ``clip_skip`` N > 1 conditions on the text encoder's output N - 1 blocks
         earlier (recorded as "Clip skip: N").
+
+        ``guidance_rescale`` φ in [0, 1] (Lin et al. 2024, Eq. 15-16; diffusers' ``guidance_rescale``) scales each
+        guided prediction back towards the standard deviation of the conditional one (0: plain guidance; 0.7 is
+        the paper's choice for zero-terminal-SNR models; see ``classifier_free_guidance`` in diffusion/samplers.py).
         """
+        if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
+            raise TypeError(f"guidance_rescale must be a number, got {type(guidance_rescale).__name__}")
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
         check_arg_types(prompt=prompt, negative_prompt=negative_prompt, steps=steps, scale=scale, sampler=sampler,
                         seed=seed, seeds=seeds, height=height, width=width, eta=eta, strength=strength,
                         num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip)
@@ -160,7 +168,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
                 x_T = noise_to_step(z_init.expand_as(x_T), x_T, self.schedule, sampler, steps, k, s.timestep_spacing,
                                     s.steps_offset)  # (N, C, h, w)
 
-        unet = self.unet
+        unet = self.denoising_unet()  # the U-Net, or under DeepCache a step counter of this call (pipelines/fast.py)
 
         def model(x_t, t, context):
             return unet(x_t.to(dtype), t, context).float()
@@ -168,7 +176,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         step_hook = None
         if mask is not None or is_inpainting_unet(self.config):
             model, step_hook = inpainting(self, model, image, mask, z_init, noise, sampler, steps)
-        guided = classifier_free_guidance(model, scale)
+        guided = classifier_free_guidance(model, scale, float(guidance_rescale))
         kwargs = {"context": context} if uncond is None else {"context": context, "uncond_context": uncond}
         z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
@@ -176,7 +184,10 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         strength = None if init_image is None else float(strength)
         params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength,
                                    model_hash=self.model_hash, clip_skip=clip_skip, loras=tuple(self.loras),
-                                   mask_blur=None if mask is None else float(mask_blur))
+                                   mask_blur=None if mask is None else float(mask_blur),
+                                   guidance_rescale=float(guidance_rescale),
+                                   deepcache=None if self.deepcache is None else
+                                   (self.deepcache.interval, self.deepcache.branch))
                   for p, n, sd in zip(prompts, negatives, seeds)]
         if output_type == "latent":
             return z0.float(), params

@@ -67,8 +67,12 @@ def plan_job(req: GenerationRequest, kind: str, models: ModelSet, limits: Limits
     if n > limits.max_images:
         raise RequestError(f"batch_size * n_iter = {n} images; the limit is {limits.max_images} per request")
     sampler = pipe.default_sampler if model.is_vq else _sampler_of(req, pipe.default_sampler)
-    if req.scheduler not in (None, "", "automatic", "Automatic"):
-        raise RequestError(f"unknown scheduler {req.scheduler!r}; only 'automatic' (each sampler's own timesteps)")
+    scheduler = (req.scheduler or "automatic").lower()
+    if scheduler == "karras" and not model.is_vq and sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
+        sampler = "dpmpp_2m_karras"  # AUTOMATIC1111 1.9+: sampler "DPM++ 2M" with scheduler "Karras"
+    elif scheduler != "automatic":
+        raise RequestError(f"unknown scheduler {req.scheduler!r}; 'automatic' (each sampler's own timesteps), or "
+                           f"'karras' with the sampler 'DPM++ 2M'")
     steps = pipe.default_steps if req.steps is None else req.steps
     top = min(limits.max_steps, pipe.schedule.num_timesteps)
     if steps > top:

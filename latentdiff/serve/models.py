@@ -10,8 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# Our sampler ids and AUTOMATIC1111's names for them (what /sdapi/v1/samplers lists). "DPM++ 2M Karras" is not
-# here: our dpmpp_2m runs the model's own timesteps, not Karras sigmas, so that name would be a false promise.
+# Our sampler ids and AUTOMATIC1111's names for them (what /sdapi/v1/samplers lists).
 from latentdiff.io.images import SAMPLER_LABELS
 
 SAMPLER_NAMES = {**{label.lower(): sid for sid, label in SAMPLER_LABELS.items()}, **{s: s for s in SAMPLER_LABELS}}

@@ -49,9 +49,11 @@ class GenerationRequest(BaseModel):
     subseed_strength: float = 0.0
     seed_resize_from_h: int = -1
     seed_resize_from_w: int = -1
-    sampler_name: str | None = Field(None, description="'Euler a', 'DPM++ 2M', 'DDIM', 'DDPM' (or our ids); "
+    sampler_name: str | None = Field(None, description="'Euler a', 'DPM++ 2M', 'DPM++ 2M Karras', 'DDIM', "
+                                                       "'DDPM' (or our ids); "
                                                        "default: the model's own")
-    scheduler: str | None = Field(None, description="only 'automatic' (each sampler's own timesteps)")
+    scheduler: str | None = Field(None, description="'automatic' (each sampler's own timesteps), or 'karras' "
+                                                    "with 'DPM++ 2M'")
     sampler_index: str | None = Field(None, description="deprecated: sampler_name")
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)

@@ -179,6 +179,13 @@ def path_cases(command: str, root: Path, data: dict) -> list[list[str]]:
         lines += [["--ckpt", ckpt, "--classifier", str(p), "--reference", "none", "--no-clip", "--outdir", out,
                    *base] for p in files(".safetensors")] if command == "eval-t2i" else []
         lines += [["--ckpt", ckpt, "--reference", "none", "--outdir", str(blocked(root)), *base]]
+    elif command == "rfid":  # models, images, reference and output folder are all checked before any work
+        rfid_out = ["--out", str(root / "r.json"), "--no-progress"]
+        lines += [[str(p), "--images", images, "--no-fid", *rfid_out] for p in files(".safetensors") + folders]
+        lines += [[ckpt, "--images", str(p), "--no-fid", *rfid_out] for p in folders + files(".png")]
+        lines += [[ckpt, "--images", images, "--reference", str(p), "--no-cache", *rfid_out]
+                  for p in files(".npz") + folders]
+        lines += [[ckpt, "--images", images, "--no-fid", "--out", str(blocked(root) / "r.json")]]
     elif command == "train-classifier":
         lines += [["--shards", str(p), "--out", str(root / "c.safetensors")] for p in folders]
         lines += [["--shards", shards, "--test-shards", str(p), "--out", str(root / "c.safetensors")]

@@ -26,6 +26,7 @@ COMMANDS = {
     "convert": ("latentdiff.cli.convert", "convert between SD single files, diffusers folders and latentdiff files"),
     "pack-model": ("latentdiff.cli.pack_model", "pack a trained model file for shipping (fp16, vocabulary, decoder)"),
     "fid": ("latentdiff.cli.fid", "Frechet Inception Distance between two image sources"),
+    "rfid": ("latentdiff.cli.rfid", "reconstruction floor of autoencoders: rFID, PSNR, codebook use"),
     "clip-score": ("latentdiff.cli.clip_score", "CLIP score of image-caption pairs"),
     "eval-t2i": ("latentdiff.cli.eval_t2i", "generate from captions, then FID, CLIP score and class accuracy"),
     "sampler-sweep": ("latentdiff.cli.sampler_sweep", "FID and class accuracy per sampler and step count"),
@@ -81,6 +82,7 @@ OOM_HINTS = {
     "eval-t2i": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
     "sampler-sweep": "a smaller --batch-size or --fid-batch-size, or --precision fp16/bf16 on a GPU",
     "fid": "a smaller --batch-size", "clip-score": "a smaller --batch-size",
+    "rfid": "a smaller --batch-size or --fid-batch-size",
     "train-classifier": "a smaller --batch-size or narrower --widths",
     "serve": "a smaller --max-batch or a smaller size limit",
 }

@@ -12,11 +12,14 @@ Network (after Keller Jordan's airbench, "94% on CIFAR-10 in 3.29 seconds", 2024
     whiten   2x2 conv, 3 -> 24, frozen filters: the 12 eigenvectors of the training patches' covariance scaled
              by 1/sqrt(eigenvalue + eps), with their negatives (so GELU keeps both signs); trainable bias
     block k  conv3x3 -> maxpool2 -> BN -> GELU -> (+ residual: conv3x3 -> BN -> GELU), widths ``widths[k]``
-    head     global max pool -> linear
+             (``block="plain"``: airbench's conv3x3 -> maxpool2 -> BN -> GELU -> conv3x3 -> BN -> GELU)
+    head     global max pool -> linear, times ``logit_scale`` (airbench94: 1/9)
 
 Training: SGD with Nesterov momentum under a one-cycle learning rate (Smith & Topin 2019), label smoothing,
 random translation by up to 2 px (reflect padding) and horizontal flips; evaluation averages the logits of the
-image and its mirror. The file is a ``.safetensors`` whose metadata holds the architecture and the class names
+image and its mirror (``tta=2``: airbench's test-time augmentation, also 1-px translations).
+latentdiff.metrics.classifier_airbench trains with airbench94's full recipe (``latentdiff train-classifier
+--preset airbench94``). The file is a ``.safetensors`` whose metadata holds the architecture and the class names
 in label order, so loading needs no flags.
 """
 
@@ -42,6 +45,7 @@ from latentdiff.io.checkpoint import CheckpointError, check_finite, load_into, r
 FORMAT_NAME = "latentdiff-classifier"
 FORMAT_VERSION = "1"
 WHITEN_EPS = 5e-4
+BLOCKS = ("residual", "plain")
 
 
 @dataclass
@@ -61,24 +65,29 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class _Block(nn.Module):
-    """conv3x3 -> maxpool2 -> BN -> GELU, then a residual conv3x3 -> BN -> GELU (halves H and W)."""
+    """conv3x3 -> maxpool2 -> BN -> GELU, then conv3x3 -> BN -> GELU, added (``residual``) or not (halves H, W)."""
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, residual: bool = True):
         super().__init__()
         self.conv = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.norm = nn.BatchNorm2d(c_out)
         self.residual = _conv_bn(c_out, c_out)
+        self.add = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm(F.max_pool2d(self.conv(x), 2)))  # (B, c_out, H/2, W/2)
-        return x + self.residual(x)
+        return x + self.residual(x) if self.add else self.residual(x)
 
 
 class CifarClassifier(nn.Module):
     """``forward(x (B, 3, S, S) in [-1, 1]) -> logits (B, K)``; ``predict`` takes any size and averages flips."""
 
-    def __init__(self, class_names: list[str], widths: tuple[int, ...] = (16, 32, 64), image_size: int = 32):
+    def __init__(self, class_names: list[str], widths: tuple[int, ...] = (16, 32, 64), image_size: int = 32,
+                 block: str = "residual", logit_scale: float = 1.0, tta: int = 1):
         super().__init__()
+        if block not in BLOCKS or tta not in (1, 2) or not (math.isfinite(logit_scale) and logit_scale > 0):
+            raise ValueError(f"block={block!r} must be one of {BLOCKS}, tta={tta} 1 or 2, logit_scale={logit_scale} "
+                             "a positive number")
         if len(class_names) < 2 or len(set(class_names)) != len(class_names):
             raise ValueError(f"class_names must hold at least two distinct names, got {class_names}")
         if not widths or any(w <= 0 for w in widths) or image_size - 1 < 2 ** len(widths):
@@ -87,28 +96,34 @@ class CifarClassifier(nn.Module):
         self.class_names = list(class_names)
         self.widths = tuple(int(w) for w in widths)
         self.image_size = image_size
+        self.block, self.logit_scale, self.tta = block, float(logit_scale), int(tta)
         self.register_buffer("mean", torch.zeros(1, 3, 1, 1))
         self.register_buffer("std", torch.ones(1, 3, 1, 1))
         self.whiten = nn.Conv2d(3, 24, 2)
         self.whiten.weight.requires_grad_(False)
         chans = (24, *self.widths)
-        self.blocks = nn.Sequential(*[_Block(a, b) for a, b in zip(chans[:-1], chans[1:])])
+        self.blocks = nn.Sequential(*[_Block(a, b, block == "residual") for a, b in zip(chans[:-1], chans[1:])])
         self.head = nn.Linear(self.widths[-1], len(class_names), bias=False)
 
     @property
     def config(self) -> dict:
-        return {"class_names": self.class_names, "widths": list(self.widths), "image_size": self.image_size}
+        out = {"class_names": self.class_names, "widths": list(self.widths), "image_size": self.image_size}
+        if (self.block, self.logit_scale, self.tta) != ("residual", 1.0, 1):  # files of the first version lack them
+            out.update(block=self.block, logit_scale=self.logit_scale, tta=self.tta)
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = (x - self.mean) / self.std
         x = F.gelu(self.whiten(x))  # (B, 24, S-1, S-1)
         x = self.blocks(x)  # (B, widths[-1], h, w)
         x = x.amax(dim=(2, 3))  # (B, widths[-1])
-        return self.head(x)
+        return self.head(x) * self.logit_scale if self.logit_scale != 1.0 else self.head(x)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, flip: bool = True) -> torch.Tensor:
-        """Class probabilities (B, K) for images (B, 3, H, W) in [-1, 1] (bilinear, antialiased resize)."""
+        """Class probabilities (B, K) for images (B, 3, H, W) in [-1, 1] (bilinear, antialiased resize). ``flip``:
+        logits averaged with the mirror's; with ``tta == 2`` also (airbench94) logits = ½ ℓ(x) + ¼ ℓ(x shifted
+        1 px up-left) + ¼ ℓ(x shifted 1 px down-right), reflect padding, ℓ the mirror-averaged logits."""
         B, C, H, W = images.shape
         if C != 3:
             raise ValueError(f"expected RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
@@ -117,10 +132,15 @@ class CifarClassifier(nn.Module):
         S = self.image_size
         if (H, W) != (S, S):
             x = F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)  # (B, 3, S, S)
-        logits = self(x)
-        if flip:
-            logits = (logits + self(x.flip(3))) / 2
+        logits = self._mirrored(x, flip)
+        if flip and self.tta == 2:
+            padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, 3, S + 2, S + 2)
+            shifted = (self._mirrored(padded[:, :, :S, :S], flip) + self._mirrored(padded[:, :, 2:, 2:], flip)) / 2
+            logits = (logits + shifted) / 2
         return logits.float().softmax(dim=1)  # (B, K)
+
+    def _mirrored(self, x: torch.Tensor, flip: bool) -> torch.Tensor:
+        return (self(x) + self(x.flip(3))) / 2 if flip else self(x)
 
 
 @torch.no_grad()
@@ -196,11 +216,13 @@ def load_labelled_shards(spec: str, class_names: list[str] | None = None, limit:
     return LabelledImages(x, torch.tensor([index[n] for n in labels]), list(names))
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2) -> torch.Tensor:
-    """Random translation by up to ``pad`` px (reflect padding) and horizontal flip of a batch (B, 3, H, W)."""
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Random translation by up to ``pad`` px (reflect padding) and (``flip``) horizontal flip of a batch
+    (B, 3, H, W); ``generator`` is a CPU generator, ``x`` on any device."""
     B, C, H, W = x.shape
-    flip = torch.rand(B, generator=generator) < 0.5
-    x = torch.where(flip.view(B, 1, 1, 1), x.flip(3), x)
+    if flip:
+        flips = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flips.view(B, 1, 1, 1), x.flip(3), x)
     padded = F.pad(x, (pad, pad, pad, pad), mode="reflect")  # (B, C, H + 2p, W + 2p)
     dy, dx = torch.randint(0, 2 * pad + 1, (2, B), generator=generator)
     out = torch.empty_like(x)
@@ -307,7 +329,8 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cif
                               f"{metadata.get('format')!r}, expected {FORMAT_NAME!r})")
     try:
         cfg = json.loads(metadata["config"])
-        model = CifarClassifier(cfg["class_names"], tuple(cfg["widths"]), int(cfg["image_size"]))
+        model = CifarClassifier(cfg["class_names"], tuple(cfg["widths"]), int(cfg["image_size"]), cfg.get("block",
+                                "residual"), float(cfg.get("logit_scale", 1.0)), int(cfg.get("tta", 1)))
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: the classifier config stored in the file is invalid: {e}") from None
     check_finite(tensors, str(path))

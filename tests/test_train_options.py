@@ -429,3 +429,31 @@ def test_dataclass_defaults_unchanged():
     obj = LatentDiffusionObjectiveConfig()
     assert obj.noise_offset == 0.0 and obj.input_perturbation == 0.0
     assert dataclasses.asdict(ScheduleConfig())["rescale_betas_zero_snr"] is False
+
+
+def test_text_cache_of_a_frozen_encoder(tmp_path, tiny_shards, monkeypatch):
+    """objective.text_cache: each distinct caption is encoded once (alone), the contexts equal the encoder's own,
+    the run resumes exactly, and a trained text encoder is refused."""
+    from latentdiff.training.objectives.latent_diffusion import TextCache
+
+    with pytest.raises(ValueError, match="text_cache needs a frozen text encoder"):
+        LatentDiffusionObjectiveConfig(text_cache=8)
+    shards = tiny_shards(16)
+    sets = [f"data.shards={shards}", "steps=2", "checkpoint_every=1", "sample_every=0", "log_every=1",
+            "objective.train_text_encoder=false", "objective.text_cache=64"]
+    cfg = load_train_config(CONFIGS / "train_tiny_ldm.yaml", sets)
+    trainer = Trainer(cfg, tmp_path / "ref", resume="none", progress=False)
+    cache, encoded = trainer.objective.text_cache, []
+    encode = cache.text_encoder.encode
+    monkeypatch.setattr(cache.text_encoder, "encode", lambda captions: encoded.extend(captions) or encode(captions))
+    trainer.run()
+    assert encoded and len(encoded) == len(set(encoded)) == len(cache.entries)  # once per distinct caption
+    captions = list(cache.entries)
+    torch.testing.assert_close(cache(captions), encode(captions), rtol=1e-5, atol=1e-6)
+    Trainer(cfg, tmp_path / "cut", resume="none", progress=False, max_steps=1).run()
+    Trainer(cfg, tmp_path / "cut", resume="auto", progress=False).run()
+    ref, cut = (load_checkpoint(checkpoint_path(tmp_path / d / "checkpoints", 2)) for d in ("ref", "cut"))
+    assert _flatten(ref["modules"]) == _flatten(cut["modules"])
+    small = TextCache(cache.text_encoder, 2)  # least recently used captions are evicted
+    small(["a", "b"]), small(["a"]), small(["c"])
+    assert list(small.entries) == ["a", "c"]

@@ -183,6 +183,7 @@ class LatentDiffusionObjectiveConfig:
     noise_offset: float = 0.0  # offset noise: ε += c·N(0, 1) of shape (B, C, 1, 1); 0.05-0.1 is usual
     input_perturbation: float = 0.0  # Ning et al. 2023: x_t from ε + γ·ξ, target from ε; 0.1 is usual
     # -- end noise options --
+    text_cache: int = 0  # frozen text encoder: keep the hidden states of up to N distinct captions (0: off)
     sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a photo of a ship"])
     sample_steps: int = 25
     sample_sampler: str = "ddim"
@@ -199,6 +200,12 @@ class LatentDiffusionObjectiveConfig:
         for name in ("noise_offset", "input_perturbation"):  # noise options
             value = getattr(self, name)
             check(math.isfinite(value) and value >= 0, f"objective.{name}={value!r} must be a number >= 0")
+        check(isinstance(self.text_cache, int) and self.text_cache >= 0,
+              f"objective.text_cache={self.text_cache!r} must be a whole number >= 0")
+        text_trained = self.train_text_encoder if self.lora is None else self.lora.text_encoder
+        check(self.text_cache == 0 or not text_trained,
+              "objective.text_cache needs a frozen text encoder (train_text_encoder: false, no LoRA on it): a "
+              "trained one's hidden states change every step")
         check(len(self.sample_prompts) > 0, "objective.sample_prompts must not be empty")
         check_positive("objective.sample_steps", self.sample_steps)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -88,6 +89,7 @@ class LatentDiffusionObjective(Objective):
         self.init_source = None  # the init_from file (a LoRA run's base model)
         self.schedule = DiffusionSchedule.from_config(model_cfg.schedule)
         self.scale_from_file = False  # set by init_from: keep that model's latent scale s
+        self.text_cache = TextCache(self.text_encoder, cfg.text_cache) if cfg.text_cache else None
 
     def init_from_file(self, path: str) -> list[str]:
         """Load the model of ``path``; a LoRA run then adds its adapters, the only weights it trains."""
@@ -154,8 +156,11 @@ class LatentDiffusionObjective(Objective):
     def forward(self, batch: dict, step: int):
         z0 = self.latents(batch)  # (B, C, h, w)
         B = z0.shape[0]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_grad):
-            context = self.text_encoder.encode(list(batch["caption"]))  # (B, L, D), step 2
+        if self.text_cache is not None and not self.text_grad:
+            context = self.text_cache(list(batch["caption"]))  # (B, L, D), step 2 from memory
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.text_grad):
+                context = self.text_encoder.encode(list(batch["caption"]))  # (B, L, D), step 2
         schedule = self._schedule_on(z0.device)
         t = sample_timesteps(B, schedule.num_timesteps, device=z0.device)  # step 3
         out = training_losses(schedule, self.unet, z0, t, model_kwargs={"context": context},
@@ -207,6 +212,34 @@ class LatentDiffusionObjective(Objective):
     def load_extra_state(self, state: dict) -> None:
         if "scaling_factor" in state:
             self.autoencoder.cfg.scaling_factor = float(state["scaling_factor"])
+
+
+class TextCache:
+    """The hidden states of a frozen text encoder per caption, kept for up to ``size`` distinct captions (least
+    recently used evicted): ``cache(captions) -> (B, L, D)``, as ``text_encoder.encode(captions)`` gives them.
+
+    Each caption is encoded alone (a batch of one), so its hidden states are the same bits whichever batch first
+    brought it and after an eviction or a resume (batched matrix products may round differently); exact resume
+    holds. Worth it where captions repeat (class captions, the "" of caption dropout); on web captions that
+    rarely repeat it only costs memory: leave ``objective.text_cache`` at 0 there.
+    """
+
+    def __init__(self, text_encoder: torch.nn.Module, size: int):
+        self.text_encoder, self.size = text_encoder, size
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (L, D)
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        rows = []
+        for caption in captions:
+            row = self.entries.pop(caption, None)
+            if row is None:
+                row = self.text_encoder.encode([caption])[0]  # (L, D)
+            self.entries[caption] = row  # now the most recently used
+            rows.append(row)
+        while len(self.entries) > self.size:
+            self.entries.popitem(last=False)
+        return torch.stack(rows)  # (B, L, D)
 
 
 class LoRAParameters(torch.nn.Module):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ["benchmarks/gpu_bench.sh", "tools/train_default_models.sh", "tools/evaluate_default_models.sh"]
+SCRIPTS = ["benchmarks/gpu_bench.sh", "tools/train_default_models.sh", "tools/evaluate_default_models.sh",
+           "tools/quality_run.sh"]
 PROGRAMS = ["benchmarks/bench.py", "benchmarks/bench_train.py", "benchmarks/bench_load.py", "benchmarks/bench_vq.py",
             "benchmarks/bench_vae.py"]
 
@@ -63,6 +64,19 @@ def test_bad_values_exit_2_before_any_work(tmp_path):
         assert out.returncode == 2, (args, out.stdout, out.stderr)
         assert "error:" in out.stderr, args
     assert not (tmp_path / "out").exists()
+
+
+def test_train_default_models_starts_without_smoke(tmp_path):
+    """A real (non --smoke) run gets past its setup to the stage: a bad manifest makes the stage fail (exit 1,
+    naming the stage's log), after env.txt was written. It once died silently at setup (set -e and an
+    assignment whose command substitution failed)."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text("{}")
+    out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--shards", str(shards), "--streams", "continuous",
+               "--ae-minutes", "0.01", "--diffusion-minutes", "0.01", str(tmp_path / "out")], cwd=tmp_path)
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert (tmp_path / "out" / "env.txt").is_file() and "continuous: exit 2" in out.stdout + out.stderr
 
 
 def test_device_driver_usage(tmp_path):

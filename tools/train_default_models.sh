@@ -122,7 +122,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 
 ENV_LINES="command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES \
---diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke')"
+--diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke' || true)"
 prepare_run cpu
 
 if [ ! -f "$SHARDS/manifest.json" ]; then

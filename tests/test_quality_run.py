@@ -1,0 +1,175 @@
+"""tools/quality_run.sh (issue #17's one GPU run): --help does nothing, bad arguments exit 2 before any work, and
+its --smoke mode runs on the CPU on tiny data made here. The end-to-end test covers the stages shards, judge,
+rfid-old, rfid-new and eval; `train` is skipped there (its own script's smoke run alone takes about a minute here)
+and its outputs are stood in for by a tiny pipeline file, and `stats` with --no-fid (no Inception weights needed)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.tiny import fresh_tiny_pipe
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools/quality_run.sh"
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def run(args: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def archive(path: Path, split: str, per_class: int) -> Path:
+    """A CIFAR-10-like archive: ``{split}/<class>/NNNN.jpg``, 32x32, a colour per class plus noise."""
+    rng = np.random.default_rng(len(split))
+    with tarfile.open(path, "w:gz") as tar:
+        for c, name in enumerate(CLASSES):
+            for i in range(per_class):
+                base = np.array([c * 25, 255 - c * 25, (c * 70) % 256], np.int64)
+                pixels = np.clip(base + rng.integers(-30, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="JPEG")
+                info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tar.addfile(info, buf)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cifar")
+    archive(folder / "train.tar.gz", "train", 6)
+    archive(folder / "test.tar.gz", "test", 2)
+    return folder
+
+
+def stand_in_runs(outdir: Path, model_bytes: bytes | None = None) -> None:
+    """What the train stage of the continuous stream leaves: an autoencoder run's model and the packed model (both
+    a tiny pipeline file here; rfid reads a pipeline's autoencoder), or ``model_bytes`` for both."""
+    for rel in ("runs/cifar10_autoencoder/model.safetensors", "runs/cifar10_ldm/model-fp16.safetensors"):
+        path = outdir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if model_bytes is None:
+            fresh_tiny_pipe().save(path)
+        else:
+            path.write_bytes(model_bytes)
+
+
+def test_help_prints_usage_and_does_nothing(tmp_path):
+    out = run(["--help"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: tools/quality_run.sh [options] OUTDIR")
+    for stage in ("stats", "judge", "rfid-old", "train", "rfid-new", "eval"):
+        assert f"\n  {stage} " in out.stdout, stage
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_arguments_exit_2_before_any_work(data, tmp_path):
+    src = ["--train-source", data / "train.tar.gz", "--test-source", data / "test.tar.gz",
+           "--shards", tmp_path / "trs", "--test-shards", tmp_path / "tes"]
+    cases = {
+        "missing OUTDIR": [],
+        "unknown option --nope": ["--nope", "out"],
+        "more than one OUTDIR": ["a", "b"],
+        "--skip: unknown stage 'sample'": [*src, "--skip", "train,sample", "out"],
+        "--skip names every stage (": [*src, "--skip", "stats,judge,rfid-old,train,rfid-new,eval", "out"],
+        "nothing to run": [*src, "--no-fid", "--skip", "judge,rfid-old,train,rfid-new,eval", "out"],
+        "--streams: unknown stream 'finetune'": [*src, "--streams", "continuous,finetune", "out"],
+        "--num-samples must be a positive whole number": [*src, "--num-samples", "0", "out"],
+        "--ae-minutes must be a positive number": [*src, "--ae-minutes", "soon", "out"],
+        "--precision must be": [*src, "--precision", "fp8", "out"],
+        "--device must be": [*src, "--device", "tpu", "out"],
+        "--reference: no file": [*src, "--reference", tmp_path / "none.npz", "out"],
+        "exclude each other": [*src, "--no-fid", "--reference", data / "test.tar.gz", "out"],
+        "--train-source: ": ["--train-source", tmp_path / "none.tar.gz", "out"],
+        "--ldm-config: no config file": [*src, "--ldm-config", tmp_path / "none.yaml", "out"],
+        "--set takes KEY=VALUE": [*src, "--set", "steps", "out"],
+        "no training shards": ["--shards", tmp_path / "trs", "--test-source", data / "test.tar.gz", "out"],
+        "no test statistics": [*src, "--skip", "stats", "out"],
+        "model.safetensors does not exist": [*src, "--no-fid", "--skip", "train", "out"],
+        "--needs a value": ["--skip"],
+    }
+    for message, args in cases.items():
+        out = run(args, cwd=tmp_path)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        expected = "--skip needs a value" if message == "--needs a value" else message
+        assert "quality_run.sh: error: " in out.stderr and expected in out.stderr, (args, out.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no OUTDIR, no shards
+
+
+def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
+    """shards -> judge -> rfid-old -> rfid-new -> eval on the CPU (train skipped, its outputs stood in for), then
+    the summary's table is checked against the eval results and an independent re-scoring of the PNGs."""
+    outdir = tmp_path / "out"
+    stand_in_runs(outdir)
+    out = run(["--smoke", "--device", "cpu", "--no-fid", "--streams", "continuous", "--skip", "train",
+               "--train-source", data / "train.tar.gz", "--test-source", data / "test.tar.gz",
+               "--shards", tmp_path / "trs", "--test-shards", tmp_path / "tes", outdir], cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (tmp_path / "trs" / "manifest.json").is_file() and (tmp_path / "tes" / "manifest.json").is_file()
+    status = {row.split("\t")[0]: row.split("\t")[1] for row in (outdir / "timings.tsv").read_text().splitlines()}
+    assert status == {"shards": "done", "stats": "not run (--no-fid)", "judge": "done", "rfid-old": "done",
+                      "train": "skipped (--skip)", "rfid-new": "done", "eval": "done"}
+    for name in ("env.txt", "judge.log", "eval.log", "judge/cifar10_classifier.safetensors", "rfid/embedded.json",
+                 "rfid/new.md"):
+        assert (outdir / name).is_file(), name
+    rfid = json.loads((outdir / "rfid/embedded.json").read_text())
+    assert [m["kind"] for m in rfid["models"]] == ["kl"] and "rfid" not in rfid["models"][0]
+
+    import torch
+
+    from latentdiff.assets import CIFAR10_CLASSIFIER
+    from latentdiff.metrics.classifier import load_classifier
+    from latentdiff.metrics.t2i import caption_label
+
+    embedded = load_classifier(CIFAR10_CLASSIFIER)
+    summary = (outdir / "summary.md").read_text()
+    assert sorted(p.name for p in outdir.glob("eval_*")) == ["eval_new_default", "eval_old_default"]
+    for label in ("old_default", "new_default"):
+        folder = outdir / f"eval_{label}"
+        result = json.loads((folder / "results.json").read_text())
+        assert result["num_samples"] == 20 and result["fid"]["skipped"]
+        assert result["class_accuracy"]["classifier"].endswith("judge/cifar10_classifier.safetensors")
+        # the embedded judge's score, recomputed here from the PNGs and the captions they record
+        files = sorted((folder / "images").glob("*.png"))
+        images = [Image.open(f) for f in files]
+        labels = torch.tensor([caption_label(im.info["parameters"].split("\n")[0], list(CLASSES)) for im in images])
+        x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB")).copy()) for im in images])
+        predicted = embedded.predict(x.permute(0, 3, 1, 2).float() / 127.5 - 1).argmax(1)
+        expected = (predicted == labels).float().mean().item()
+        second = json.loads((folder / "judge_embedded.json").read_text())
+        assert second["images"] == 20 and second["accuracy"] == pytest.approx(expected)
+        new_judge = result["class_accuracy"]["accuracy"]
+        assert f"| {label} | 20 | - | {100 * new_judge:.1f} % | {100 * expected:.1f} % |" in summary, summary
+    assert "- default: undecided: no FID yet" in summary and "python tools/fid.py --save-stats" in summary
+    assert "Traceback" not in out.stdout + out.stderr
+
+
+def test_a_failed_stage_exits_1_and_the_others_still_run(data, tmp_path):
+    outdir = tmp_path / "out"
+    stand_in_runs(outdir, model_bytes=b"not a model")
+    out = run(["--device", "cpu", "--no-fid", "--streams", "continuous", "--skip", "judge,train,eval",  # not --smoke
+               "--test-source", data / "test.tar.gz", outdir], cwd=tmp_path, timeout=300)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "failed: rfid-new" in out.stderr
+    status = {row.split("\t")[0]: row.split("\t")[1] for row in (outdir / "timings.tsv").read_text().splitlines()}
+    assert status["rfid-new"] == "FAILED" and status["rfid-old"] == "done"
+    assert "| rfid-new | FAILED |" in (outdir / "summary.md").read_text()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck")
+def test_shellcheck_is_clean():
+    out = subprocess.run(["shellcheck", "-x", "tools/quality_run.sh"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout

@@ -25,6 +25,16 @@ log into OUTDIR (created if missing; existing files of the same names are replac
                     and torch.compile rows, both sides; only with --only ... compile: minutes of compilation)
   tiling.*          benchmarks/bench_tiling.py --size 2048 --dtype bf16 --diffusers (tiled VAE decode: peak memory;
                     only with --only ... tiling)
+  train_sd15.*      benchmarks/bench_train.py --preset sd15 --precision bf16 --batch 8, after train_sd15_b16_gc.*:
+                    --batch 16 --gradient-checkpointing (the SD 1.5 U-Net's training step against diffusers':
+                    samples/s, MFU, memory, data wait; only with --only ... train_sd15; about 4 minutes)
+  train_mid.*       benchmarks/bench_train.py --preset mid --precision bf16 --batch 32 (a 223 M-parameter U-Net on
+                    32x32x4 latents; only with --only ... train_mid; about 1 minute)
+  train_compile_*   train_mid with --compile modules, then --compile step, both sides compiled (only with
+                    --only ... train_compile: minutes of compilation)
+  attention.*       benchmarks/bench_attention.py (latentdiff's attention op, SDPA against xformers where it is
+                    importable, on the SD 1.5 U-Net's attention shapes and one whole U-Net call, fp16 and bf16, batch
+                    2 and 16; says which backend auto should pick; only with --only ... attention; about 1 minute)
   gpu_util.log      nvidia-smi dmon samples (5 s) over the whole run, when nvidia-smi exists
   summary.txt       every table above, in order
 
@@ -33,7 +43,8 @@ A failing benchmark is reported and the others still run; the exit status is 1 i
 
 options:
   --device DEV   torch device (default: cuda); cuda must be available unless DEV is cpu
-  --only LIST    comma-separated subset of: unet,sd15,train,vq,vae,load,compile,tiling
+  --only LIST    comma-separated subset of: unet,sd15,train,vq,vae,load,compile,tiling,train_sd15,train_mid,
+                 train_compile,attention
                  (default: unet,sd15,train,vq,vae)
   --smoke        tiny models, one repeat, outputs named *_tiny.*: checks the script in minutes, e.g. on a
                  CPU: --smoke --device cpu
@@ -68,8 +79,8 @@ done
 [ -n "$OUTDIR" ] || die "missing OUTDIR (the folder the results go to)"
 for name in ${ONLY//,/ }; do
     case $name in
-        unet|sd15|train|vq|vae|load|compile|tiling) ;;
-        *) die "--only: unknown benchmark '$name' (unet, sd15, train, vq, vae, load, compile, tiling)" ;;
+        unet|sd15|train|vq|vae|load|compile|tiling|train_sd15|train_mid|train_compile|attention) ;;
+        *) die "--only: unknown benchmark '$name' (unet, sd15, train, vq, vae, load, compile, tiling, train_sd15, train_mid, train_compile, attention)" ;;
     esac
 done
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
@@ -112,6 +123,12 @@ if [ "$SMOKE" = 1 ]; then
     want compile && bench compile_tiny benchmarks/bench.py --config tiny "${D[@]}" --dtype fp32 --steps 2 --repeats 1 \
         --warmup 0 --compile
     want tiling && bench tiling_tiny benchmarks/bench_tiling.py --config tiny --size 64 --tile 32 "${D[@]}"
+    T=(benchmarks/bench_train.py --preset tiny "${D[@]}" --repeats 1 --warmup 0 --workers 0)
+    want train_sd15 && bench train_sd15_tiny "${T[@]}" --gradient-checkpointing
+    want train_mid && bench train_mid_tiny "${T[@]}" --channels-last
+    want train_compile && bench train_compile_tiny "${T[@]}" --compile modules
+    want attention && bench attention_tiny benchmarks/bench_attention.py "${D[@]}" --side 8 --batch 2 \
+        --set unet.model_channels=32 --repeats 2 --warmup 1
 else
     want unet && bench unet_small benchmarks/bench.py --config small "${D[@]}" --dtype fp32 --steps 50 --repeats 9
     if want sd15; then
@@ -129,6 +146,17 @@ else
     want compile && bench compile_sd15_bf16 benchmarks/bench.py --config sd15 "${D[@]}" --dtype bf16 --batch 1 \
         --steps 50 --repeats 5 --compile
     want tiling && bench tiling benchmarks/bench_tiling.py --size 2048 "${D[@]}" --dtype bf16 --diffusers
+    T=(benchmarks/bench_train.py "${D[@]}" --precision bf16 --repeats 5 --steps-per-repeat 4 --warmup 3 --workers 2)
+    if want train_sd15; then
+        bench train_sd15_b16_gc "${T[@]}" --preset sd15 --batch 16 --gradient-checkpointing
+        bench train_sd15 "${T[@]}" --preset sd15 --batch 8  # both models resident: about 35 GB before activations
+    fi
+    want train_mid && bench train_mid "${T[@]}" --preset mid --batch 32
+    if want train_compile; then
+        bench train_compile_modules "${T[@]}" --preset mid --batch 32 --compile modules
+        bench train_compile_step "${T[@]}" --preset mid --batch 32 --compile step
+    fi
+    want attention && bench attention benchmarks/bench_attention.py "${D[@]}"
 fi
 
 : > "$OUTDIR/summary.txt"

@@ -121,8 +121,8 @@ def test_spatial_transformer_conv_and_linear_projections_agree():
 
 
 def test_auto_falls_back_to_sdpa_once_when_xformers_has_no_kernel(monkeypatch):
-    """An xformers wheel built for another torch imports but finds no operator: under ``auto`` the op warns once
-    and gives SDPA's result from then on; the explicit ``xformers`` backend raises."""
+    """An xformers wheel built for another torch imports but finds no operator: under ``auto`` the first failure
+    warns and makes ``auto`` resolve to SDPA on CUDA from then on; the explicit ``xformers`` backend raises."""
     import latentdiff.models.attention as A
 
     class BrokenXformers:
@@ -135,17 +135,14 @@ def test_auto_falls_back_to_sdpa_once_when_xformers_has_no_kernel(monkeypatch):
 
     monkeypatch.setattr(A, "_xops", BrokenXformers)
     monkeypatch.setattr(A, "_XFORMERS_FAILED", None)
-    monkeypatch.setattr(A, "attention_kernel", lambda device: "xformers" if A._XFORMERS_FAILED is None else "sdpa")
     monkeypatch.setattr(A, "_BACKEND", "auto")
-    q, k, v = (torch.randn(2, 5, 8) for _ in range(3))
-    ref = F.scaled_dot_product_attention(*(x.view(2, 5, 2, 4).transpose(1, 2) for x in (q, k, v)))
-    ref = ref.transpose(1, 2).reshape(2, 5, 8)
+    q, k, v = (torch.randn(2, 5, 2, 4) for _ in range(3))  # (B, N, h, d)
+    assert A.attention_kernel("cuda") == "xformers" and A.attention_kernel("cpu") == "sdpa"
     with pytest.warns(UserWarning, match="uses PyTorch SDPA"):
-        out = A.attention(q, k, v, heads=2)
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(A.attention(q, k, v, heads=2), ref)  # no second try, no second warning
+        assert A._xformers_attention(q, k, v) is None
     assert BrokenXformers.calls == 1 and "No operator" in A._XFORMERS_FAILED
+    assert A.attention_kernel("cuda") == "sdpa"  # no second try
     monkeypatch.setattr(A, "_BACKEND", "xformers")
-    monkeypatch.setattr(A, "attention_kernel", lambda device: "xformers")
+    assert A.attention_kernel("cuda") == "xformers"
     with pytest.raises(NotImplementedError):
-        A.attention(q, k, v, heads=2)
+        A._xformers_attention(q, k, v)

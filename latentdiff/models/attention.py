@@ -113,7 +113,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
     q = q.view(B, N, heads, -1)  # (B, N, h, d)
     k = k.view(B, M, heads, -1)  # (B, M, h, d)
     v = v.view(B, M, heads, -1)  # (B, M, h, dv)
-    if mask is None and attention_kernel(q.device) == "xformers":
+    if mask is None and q.is_cuda and attention_kernel(q.device) == "xformers":
         out = _xformers_attention(q, k, v)  # (B, N, h, dv), or None: auto fell back to SDPA
         if out is not None:
             return out.reshape(B, N, -1)

@@ -198,16 +198,17 @@ class UNetModel(nn.Module):
             got = None if context is None else tuple(context.shape)
             raise ValueError(f"context must have shape ({B}, L, {cfg.context_dim}), got {got}")
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, x_t: torch.Tensor, t: torch.Tensor | float,
+                context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Checked inputs in the weights' dtype: (h, emb, context) with emb the (B, 4*mc) timestep embedding."""
         t = torch.as_tensor(t, device=x_t.device)
         self._check_inputs(x_t, t, context)
-        B = x_t.shape[0]
         dtype = self.out[2].weight.dtype
-        emb = timestep_embedding(t.expand(B), self.cfg.model_channels).to(dtype)  # (B, mc)
-        emb = self.time_embed(emb)  # (B, 4*mc)
-        h = x_t.to(dtype)
-        context = context.to(dtype)
+        emb = timestep_embedding(t.expand(x_t.shape[0]), self.cfg.model_channels).to(dtype)  # (B, mc)
+        return x_t.to(dtype), self.time_embed(emb), context.to(dtype)
 
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
+        h, emb, context = self._inputs(x_t, t, context)
         use_checkpoint = self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         def run(block: UNetBlock, h: torch.Tensor) -> torch.Tensor:
@@ -242,13 +243,8 @@ class UNetModel(nn.Module):
         K = len(self.input_blocks)
         if not 0 <= branch < K:
             raise ValueError(f"DeepCache branch {branch} must be between 0 and {K - 1} (this U-Net's skip branches)")
-        t = torch.as_tensor(t, device=x_t.device)
-        self._check_inputs(x_t, t, context)
+        h, emb, context = self._inputs(x_t, t, context)
         B = x_t.shape[0]
-        dtype = self.out[2].weight.dtype
-        emb = self.time_embed(timestep_embedding(t.expand(B), self.cfg.model_channels).to(dtype))  # (B, 4*mc)
-        h = x_t.to(dtype)
-        context = context.to(dtype)
         skips = []
         for block in self.input_blocks[:K if deep is None else branch + 1]:
             h = block(h, emb, context)
@@ -260,7 +256,7 @@ class UNetModel(nn.Module):
             deep = h  # (B, C_k, h_k, w_k)
         elif deep.shape[0] != B:
             raise ValueError(f"DeepCache: cached features of batch {deep.shape[0]} for an input of batch {B}")
-        h = deep.to(dtype)
+        h = deep.to(h.dtype)
         for block in self.output_blocks[K - 1 - branch:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H', W')
         return self.out(h).to(x_t.dtype), deep  # (B, out_channels, h, w)

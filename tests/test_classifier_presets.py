@@ -15,12 +15,14 @@ from latentdiff.metrics.classifier import (
     classifier_metadata,
     evaluate_classifier,
     load_classifier,
+    round_to_half,
     save_classifier,
 )
 from latentdiff.metrics.classifier_airbench import (
     AirbenchSettings,
     Lookahead,
     airbench_model,
+    autocast_dtype,
     lr_multiplier,
     train_airbench,
 )
@@ -29,16 +31,32 @@ from tests.tiny import jitter
 
 
 def test_first_format_files_load_as_before(tmp_path):
-    """The shipped judge (format of the first version) loads as residual blocks, logits × 1, mirror TTA; a small
-    model saved now writes the same config keys as then, so older code reads it too."""
-    shipped = load_classifier(CIFAR10_CLASSIFIER)
-    assert (shipped.block, shipped.logit_scale, shipped.tta) == ("residual", 1.0, 1)
-    assert set(classifier_metadata(CIFAR10_CLASSIFIER)["config"]) == {"class_names", "widths", "image_size"}
-    x = torch.rand(3, 3, 32, 32) * 2 - 1
-    manual = (shipped(x) + shipped(x.flip(3))) / 2  # the first version's predict
-    torch.testing.assert_close(shipped.predict(x), manual.softmax(dim=1), rtol=0, atol=1e-6)
-    path = save_classifier(CifarClassifier(CLASSES, (4, 8, 8)), tmp_path / "small.safetensors")
+    """A small residual model writes the config keys of the first format (no block, logit_scale or tta), so older
+    code reads it too, and such a file loads as residual blocks, logits × 1, mirror TTA."""
+    torch.manual_seed(0)
+    model = jitter(CifarClassifier(CLASSES, (4, 8, 8)), std=0.1).eval()
+    path = save_classifier(model, tmp_path / "small.safetensors")
     assert set(classifier_metadata(path)["config"]) == {"class_names", "widths", "image_size"}
+    loaded = load_classifier(path)
+    assert (loaded.block, loaded.logit_scale, loaded.tta) == ("residual", 1.0, 1)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1  # the network's own size: no resize
+    with torch.no_grad():
+        manual = (model(x) + model(x.flip(3))) / 2  # the first version's predict
+    torch.testing.assert_close(loaded.predict(x), manual.softmax(dim=1), rtol=0, atol=1e-6)
+
+
+def test_shipped_judge_is_airbench94_in_float16():
+    """The embedded judge: airbench94's network, stored in float16, ≥ 90 % on the 10,000 real test images as
+    recorded when it was trained (issue #17's bar for a judge whose accuracy means something)."""
+    from latentdiff.io.checkpoint import read_safetensors
+
+    shipped = load_classifier(CIFAR10_CLASSIFIER)
+    assert (shipped.block, shipped.tta, shipped.widths) == ("plain", 2, (64, 256, 256))
+    meta = classifier_metadata(CIFAR10_CLASSIFIER)
+    assert meta["train"]["preset"] == "airbench94" and meta["train"]["half"] is True
+    assert meta["test"]["samples"] == 10000 and meta["test"]["accuracy"] >= 0.90
+    tensors, _ = read_safetensors(CIFAR10_CLASSIFIER)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
 
 
 def test_tta_level_2_is_airbench_mirror_and_translate(tmp_path):
@@ -96,7 +114,18 @@ def test_lr_multiplier_and_lookahead_closed_forms():
     torch.testing.assert_close(net.weight.detach(), 0.3 * slow + 0.7 * fast)
 
 
-def test_airbench_recipe_learns_a_separable_toy_set():
+def test_autocast_dtype_choice(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype("fp32", cuda) is None and autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # no oneDNN: no fast CPU bfloat16
+    assert autocast_dtype("auto", cpu) is None
+    with pytest.raises(ValueError, match="precision"):
+        AirbenchSettings(precision="fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_airbench_recipe_learns_a_separable_toy_set(precision):
     rng = np.random.default_rng(0)
     n = 96
     labels = torch.arange(n) % 3
@@ -105,10 +134,25 @@ def test_airbench_recipe_learns_a_separable_toy_set():
         pixels[i, ..., 2 - int(labels[i])] += 120  # the colour of each class (as tests/test_classifier.py)
     data = LabelledImages(torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels, CLASSES)
     # logits × 1/9 need a few features to reach confident logits: widths (4, 8, 8) stay near 65 %
-    settings = AirbenchSettings(epochs=10, batch_size=16, widths=(16, 32, 32), whiten_bias_epochs=1)
+    settings = AirbenchSettings(epochs=10, batch_size=16, widths=(16, 32, 32), whiten_bias_epochs=1,
+                                precision=precision)
     model = train_airbench(data, settings, progress=False)
     assert evaluate_classifier(model, data)["accuracy"] > 0.9
     assert not model.training and model.whiten.bias.abs().sum() > 0  # the whitening shift learned, then froze
+
+
+def test_half_file_loads_as_the_rounded_network(tmp_path):
+    from latentdiff.io.checkpoint import read_safetensors
+
+    torch.manual_seed(0)
+    model = jitter(airbench_model(CLASSES, (4, 8, 8), 16), std=0.1).eval()
+    full = save_classifier(model, tmp_path / "full.safetensors")
+    half = save_classifier(model, tmp_path / "half.safetensors", half=True)
+    tensors, _ = read_safetensors(half)
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    assert half.stat().st_size < 0.65 * full.stat().st_size  # (the JSON header does not halve)
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    assert torch.equal(load_classifier(half).predict(x), round_to_half(model).predict(x))
 
 
 def test_tool_preset_airbench94(tmp_path, capsys):
@@ -122,7 +166,13 @@ def test_tool_preset_airbench94(tmp_path, capsys):
     meta = classifier_metadata(out)
     assert meta["train"]["preset"] == "airbench94" and meta["train"]["lr"] == 11.5
     assert meta["config"]["block"] == "plain" and meta["config"]["tta"] == 2
-    assert load_classifier(out).widths == (4, 8, 8)
+    assert load_classifier(out).widths == (4, 8, 8) and meta["train"]["precision"] == "auto"
+    assert tool.main([*argv, "--overwrite", "--precision", "fp32", "--half"]) == 0
+    meta = classifier_metadata(out)
+    assert meta["train"]["precision"] == "fp32" and meta["train"]["half"] is True
+    with pytest.raises(SystemExit) as e:  # the small preset trains in float32 only
+        tool.main([*argv[:4], "--precision", "bf16", "--overwrite"])
+    assert e.value.code == 2 and "--precision applies to --preset airbench94" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         tool.main([*argv, "--overwrite", "--device", "nosuchdevice"])
     assert e.value.code == 2 and "Traceback" not in capsys.readouterr().err

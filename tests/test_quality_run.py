@@ -149,7 +149,7 @@ def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
         x = torch.stack([torch.from_numpy(np.asarray(im.convert("RGB")).copy()) for im in images])
         predicted = embedded.predict(x.permute(0, 3, 1, 2).float() / 127.5 - 1).argmax(1)
         expected = (predicted == labels).float().mean().item()
-        second = json.loads((folder / "judge_embedded.json").read_text())
+        second = json.loads((folder / "judge_embedded.json").read_text())["folders"][0]
         assert second["images"] == 20 and second["accuracy"] == pytest.approx(expected)
         new_judge = result["class_accuracy"]["accuracy"]
         assert f"| {label} | 20 | - | {100 * new_judge:.1f} % | {100 * expected:.1f} % |" in summary, summary

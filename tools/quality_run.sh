@@ -13,8 +13,9 @@ is reported and the stages that do not need its output still run. Stages (--skip
 
   stats     tools/fid.py --save-stats TEST OUTDIR/cifar10-test-inception.npz (the FID reference; not run when
             --reference gives one)
-  judge     tools/train_classifier.py --preset airbench94 on the training shards, scored on the test shards
-            -> OUTDIR/judge/cifar10_classifier.safetensors (its test accuracy in summary.md)
+  judge     tools/train_classifier.py --preset airbench94 --half on the training shards, scored on the test
+            shards -> OUTDIR/judge/cifar10_classifier.safetensors (its test accuracy and the embedded judge's in
+            summary.md)
   rfid-old  tools/rfid.py default default-vq: rFID, PSNR and codebook use of the embedded autoencoders on TEST
             (those of --streams: continuous -> default, discrete -> default-vq) -> OUTDIR/rfid/embedded.json, .md
   train     tools/train_default_models.sh --streams STREAMS (side by side) -> OUTDIR/runs/ (model-fp16.safetensors
@@ -275,7 +276,7 @@ make_shards() {  # both splits side by side, those missing
 judge() {
     mkdir -p "$OUTDIR/judge"
     "$PYTHON" tools/train_classifier.py --preset airbench94 --device "$DEVICE" --shards "$SHARDS" \
-        --test-shards "$TEST_SHARDS" --out "$OUTDIR/judge/cifar10_classifier.safetensors" --overwrite --quiet \
+        --test-shards "$TEST_SHARDS" --out "$OUTDIR/judge/cifar10_classifier.safetensors" --overwrite --quiet --half \
         ${JUDGE_SIZE[@]+"${JUDGE_SIZE[@]}"}
 }
 
@@ -327,30 +328,13 @@ eval_models() {  # "label model" per model of eval: per stream, the embedded (ol
 }
 
 rescore() {  # rescore CLASSIFIER EVAL_DIR...: class accuracy of EVAL_DIR/images by CLASSIFIER -> judge_embedded.json
-    "$PYTHON" - "$@" <<'PY'
-import json, sys
-from pathlib import Path
-import numpy as np, torch
-from PIL import Image
-from latentdiff.atomic import atomic_write
-from latentdiff.metrics.classifier import accuracy_report, load_classifier
-
-path = sys.argv[1]
-model = load_classifier(path)
-for folder in map(Path, sys.argv[2:]):
-    files = sorted((folder / "images").glob("*.png"))
-    labels, preds = [], []
-    for first in range(0, len(files), 500):
-        batch = files[first:first + 500]
-        x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f in batch]))  # (b, H, W, 3)
-        x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (b, 3, H, W) in [-1, 1]
-        preds.append(model.predict(x).argmax(dim=1))
-        labels += [int(f.stem.split("-")[0]) % len(model.class_names) for f in batch]  # image i: class i mod K
-    report = accuracy_report(torch.cat(preds), torch.tensor(labels), model.class_names)
-    with atomic_write(folder / "judge_embedded.json", "w") as f:
-        f.write(json.dumps({"classifier": path, "images": len(files), **report}, indent=2) + "\n")
-    print(f"{folder.name}: class accuracy {report['accuracy']:.4f} by {path}")
-PY
+    local classifier=$1 folder code=0
+    shift
+    for folder in "$@"; do
+        "$PYTHON" tools/judge.py "$folder" --classifier "$classifier" --out "$folder/judge_embedded.json" \
+            --overwrite --quiet --device "$DEVICE" || code=1
+    done
+    return $code
 }
 
 evaluate() {  # the old and new models with the new judge when there is one, then the embedded judge on the same images
@@ -407,6 +391,7 @@ done
 "$PYTHON" - "$OUTDIR" "$NO_FID" "$TEST_IMAGES" "$STATS" "$NUM" <<'PY' || echo "summary.md: could not be written" >&2
 import json, sys
 from pathlib import Path
+from latentdiff.assets import CIFAR10_CLASSIFIER as EMBEDDED_JUDGE
 from latentdiff.atomic import atomic_write
 from latentdiff.metrics.classifier import classifier_metadata
 
@@ -422,9 +407,12 @@ judge = out / "judge" / "cifar10_classifier.safetensors"
 if judge.is_file():
     meta = classifier_metadata(judge)
     acc = meta.get("test", {}).get("accuracy")
+    embedded = classifier_metadata(EMBEDDED_JUDGE).get("test", {}).get("accuracy") if EMBEDDED_JUDGE.is_file() else None
+    better = acc is not None and (embedded is None or acc > embedded)
     lines += ["", f"Judge ({judge.relative_to(out)}): test accuracy "
               f"{'-' if acc is None else f'{100 * acc:.2f} %'} after {meta.get('train_seconds', '?')} s "
-              f"({'meets' if acc is not None and acc >= 0.9 else 'misses'} the issue's 90 %)."]
+              f"({'meets' if acc is not None and acc >= 0.9 else 'misses'} the issue's 90 %; the embedded judge: "
+              f"{'-' if embedded is None else f'{100 * embedded:.2f} %'})."]
 for name in ("embedded", "new"):
     md = out / "rfid" / f"{name}.md"
     if md.is_file():
@@ -440,7 +428,8 @@ for d in sorted(out.glob("eval_*")):
     r = load(d / "results.json")
     if r is None:
         continue
-    acc, second = r.get("class_accuracy", {}), load(d / "judge_embedded.json")
+    acc, second = r.get("class_accuracy", {}), load(d / "judge_embedded.json")  # latentdiff judge's report
+    second = second["folders"][0] if second else None
     new_judge = second is not None  # eval_t2i ran with the new judge, the embedded one re-scored the images
     rows[d.name[5:]] = {"fid": r.get("fid", {}).get("value"), "images": r.get("num_samples"),
                         "acc_new": acc.get("accuracy") if new_judge else None,
@@ -488,9 +477,9 @@ if rows:
         lines.append(f"- {kind}: {verdict}")
         if verdict.startswith("SHIPS") or verdict.startswith("undecided: no FID"):
             lines.append(f"  `cp {new['file']} {asset}`  (then the model card and BENCHMARKS.md)")
-    if judge.is_file():
-        lines.append(f"- judge: `cp {judge} latentdiff/assets/cifar10_classifier.safetensors` when its accuracy "
-                     "meets 90 % (then re-score the tables of BENCHMARKS.md)")
+    if judge.is_file() and better:
+        lines.append(f"- judge: more accurate than the embedded one: `cp {judge} latentdiff/assets/{EMBEDDED_JUDGE.name}`"
+                     " (then re-score the tables of BENCHMARKS.md with `python tools/judge.py`)")
 if no_fid:
     lines += ["", "## FID afterwards (this run had --no-fid)", "", "```bash",
               f"python tools/fid.py --save-stats {test_images} cifar10-test-inception.npz"]

@@ -31,6 +31,7 @@ COMMANDS = {
     "eval-t2i": ("latentdiff.cli.eval_t2i", "generate from captions, then FID, CLIP score and class accuracy"),
     "sampler-sweep": ("latentdiff.cli.sampler_sweep", "FID and class accuracy per sampler and step count"),
     "train-classifier": ("latentdiff.cli.train_classifier", "train the CIFAR-10 classifier used as a judge"),
+    "judge": ("latentdiff.cli.judge", "class accuracy of generated image folders by the CIFAR-10 classifier"),
     "serve": ("latentdiff.cli.serve", "HTTP server with AUTOMATIC1111's API, batching, a web page, Ray Serve"),
 }
 
@@ -84,6 +85,7 @@ OOM_HINTS = {
     "fid": "a smaller --batch-size", "clip-score": "a smaller --batch-size",
     "rfid": "a smaller --batch-size or --fid-batch-size",
     "train-classifier": "a smaller --batch-size or narrower --widths",
+    "judge": "a smaller --batch-size",
     "serve": "a smaller --max-batch or a smaller size limit",
 }
 PATH_ERRORS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS,

@@ -307,12 +307,25 @@ def evaluate_classifier(model: CifarClassifier, data: LabelledImages, batch_size
     return accuracy_report(torch.cat(preds), data.labels, data.class_names)
 
 
+@torch.no_grad()
+def round_to_half(model: CifarClassifier) -> CifarClassifier:
+    """Round every floating-point weight and statistic to float16 and back, in place: the network a file saved with
+    ``half=True`` loads as (so that its measured accuracy is the file's)."""
+    for t in model.state_dict().values():
+        if t.is_floating_point():
+            t.copy_(t.half().float())
+    return model
+
+
 def save_classifier(model: CifarClassifier, path: str | Path, metadata: dict | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write weights + architecture + class names (+ ``metadata`` values as JSON) to ``.safetensors``, atomically."""
+                    overwrite: bool = False, half: bool = False) -> Path:
+    """Write weights + architecture + class names (+ ``metadata`` values as JSON) to ``.safetensors``, atomically;
+    ``half``: floating-point tensors as float16 (half the file; loaded back as float32)."""
     from safetensors.torch import save as safetensors_bytes
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if half:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "config": json.dumps(model.config)}
     meta.update({k: json.dumps(v) for k, v in (metadata or {}).items()})
     path = Path(path)

@@ -19,7 +19,10 @@ Where it differs from :func:`latentdiff.metrics.classifier.train_classifier` (th
 - Lookahead (Zhang et al., 2019) every 5 steps: θ̄ ← α θ̄ + (1 − α) θ, then θ ← θ̄ (parameters and BatchNorm
   statistics), α_k = 0.95⁵ (k / K)³ over the K steps, and θ ← θ̄ at the end;
 - evaluation: mirror and 1-px translation test-time augmentation (``tta=2`` in the saved file);
-- batch 1024, 9.9 epochs; bfloat16 autocast on CUDA (airbench: float16), float32 on the CPU.
+- batch 1024, 9.9 epochs; bfloat16 autocast (airbench: float16) on CUDA and on CPUs with native bfloat16
+  (``precision="auto"``; AVX-512 BF16 / AMX), float32 elsewhere; channels-last memory while training (on a 2-core
+  AVX-512 CPU, bfloat16 + channels-last trains 2.6× faster than float32 + contiguous); the trained network is
+  returned in the default layout, as a saved file loads, so its test accuracy is the file's.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ BN_MOMENTUM = 0.6  # airbench's: running ← 0.6 running + 0.4 batch
 WARMUP = 0.23  # share of the steps with a rising step size
 LR_START, LR_END = 0.2, 0.07  # step-size multiplier at the first and the last step
 LOOKAHEAD_EVERY = 5
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 @dataclass
@@ -56,8 +60,11 @@ class AirbenchSettings:
     whiten_bias_epochs: float = 3.0
     widths: tuple[int, ...] = (64, 256, 256)
     seed: int = 0
+    precision: str = "auto"  # auto | bf16 | fp32: the autocast dtype of the forward pass
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.momentum < 1:
             raise ValueError(f"epochs={self.epochs}, batch_size={self.batch_size}, lr={self.lr} must be positive "
                              f"and momentum={self.momentum} in [0, 1)")
@@ -75,6 +82,17 @@ def airbench_model(class_names: list[str], widths: tuple[int, ...], image_size: 
             module.weight.requires_grad_(False)
             module.momentum = 1 - BN_MOMENTUM
     return model
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for ``"bf16"``, and for ``"auto"`` on CUDA or a CPU with native bfloat16; None: float32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16" or device.type == "cuda":
+        return torch.bfloat16
+    native = device.type == "cpu" and torch.backends.mkldnn.is_available() \
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.bfloat16 if native else None
 
 
 def lr_multiplier(step: int, total: int) -> float:
@@ -105,7 +123,7 @@ def train_airbench(data: LabelledImages, settings: AirbenchSettings, device: str
     N, C, H, W = data.images.shape
     model = airbench_model(data.class_names, settings.widths, H)
     init_whitening(model, data.images[:5000])
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)
     kilostep_scale = 1024 * (1 + 1 / (1 - settings.momentum))
     lr = settings.lr / kilostep_scale
     decay = settings.weight_decay * settings.batch_size / kilostep_scale
@@ -125,7 +143,8 @@ def train_airbench(data: LabelledImages, settings: AirbenchSettings, device: str
     generator = torch.Generator().manual_seed(settings.seed)
     flip_first = torch.rand(N, generator=generator) < 0.5  # epoch 0's flips; later epochs alternate
     images, labels = data.images.to(device), data.labels.to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    dtype = autocast_dtype(settings.precision, device)
+    autocast = torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
     model.train()
     with tqdm(total=total, unit="step", desc="training classifier (airbench94)", disable=not progress,
               mininterval=5.0) as bar:
@@ -137,6 +156,7 @@ def train_airbench(data: LabelledImages, settings: AirbenchSettings, device: str
             flips = (flip_first[idx] ^ bool(epoch % 2)).to(device)  # (b,)
             x = images[idx.to(device)].float().div(127.5).sub(1.0)  # (b, 3, H, W)
             x = augment(torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x), generator, flip=False)
+            x = x.contiguous(memory_format=torch.channels_last)
             for g, base in zip(optimizer.param_groups, base_lrs):
                 g["lr"] = base * lr_multiplier(step, total)
             if step >= whiten_steps:
@@ -153,4 +173,4 @@ def train_airbench(data: LabelledImages, settings: AirbenchSettings, device: str
             bar.update()
             bar.set_postfix(loss=f"{loss.item() / len(idx):.3f}", refresh=False)
     lookahead.update(model, 1.0)  # θ ← θ̄
-    return model.eval()
+    return model.to(memory_format=torch.contiguous_format).eval()  # as load_classifier gives it: the same outputs

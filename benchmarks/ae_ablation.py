@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             row["unet_gflops"] = unet_forward_flops(args.ldm_config, channels, latent) / 1e9
         except (ValueError, RuntimeError) as e:
             row["unet_gflops"], row["error"] = float("nan"), f"U-Net FLOPs: {e}"
-        model, rfid = folder / "model.safetensors", folder / "rfid.json"
+        model, rfid, timing = folder / "model.safetensors", folder / "rfid.json", folder / "timing.json"
         train = [python, "tools/train.py", "--config", str(args.config), "--outdir", str(folder), "--no-progress",
                  "--set", f"data.shards={args.shards}", "--set", f"device={args.device}"]
         for item in shape_overrides(cfg.model.autoencoder.ch_mult, factor, channels) + list(args.set):
@@ -196,12 +196,16 @@ def main(argv: list[str] | None = None) -> int:
             if status != 0:
                 row["error"] = f"a step exited {status} (see {folder}/train.log, rfid.log)"
                 code = 1
+            else:
+                timing.write_text(json.dumps({k: row[k] for k in ("train_seconds", "rfid_seconds")}) + "\n")
+        elif timing.is_file():  # done by an earlier call
+            row.update(json.loads(timing.read_text()))
         if rfid.is_file() and model.is_file():
             scored = json.loads(rfid.read_text())["models"][0]
             row.update(psnr=scored["psnr"], rfid=scored.get("rfid"), parameters=f"{scored['parameters'] / 1e6:.2f} M")
             row["steps"] = last_step(folder / "log.jsonl")
         rows.append(row)
-        print(markdown([row], args), flush=True)
+        print(markdown(rows, args), flush=True)  # the table so far
     table = markdown(rows, args)
     commands = "\n".join(c for r in rows for c in r["commands"])
     text = (f"# Autoencoder latent-shape ablation\n\nConfig {args.config}, "

@@ -66,6 +66,8 @@ def test_two_candidates_end_to_end_and_rerun(tmp_path):
     assert "| f2c4 | 8×8×4 | 256 |" in summary and "| f4c8 | 4×4×8 | 128 |" in summary
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "training" not in again.stdout  # both done: scored rows reused
+    reused = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [r["train_seconds"] for r in reused] == [r["train_seconds"] for r in rows]  # kept in timing.json
 
 
 def test_bad_arguments_exit_2(tmp_path):

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder training config all candidates share (default: the CPU one)")
     p.add_argument("--ldm-config", type=Path, default=ROOT / "configs" / "cifar10_ldm_gpu.yaml",
                    help="the latent diffusion config whose U-Net's FLOPs are the cost column")
-    budget = p.add_mutually_exclusive_group(required=True)
+    budget = p.add_mutually_exclusive_group()  # one of them (checked in main)
     budget.add_argument("--steps", type=int, help="training steps of every candidate (sets the config's steps)")
     budget.add_argument("--minutes", type=float, help="wall-clock training budget of every candidate")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.config, args.ldm_config):
         if not path.is_file():
             build_parser().error(f"no config file {path}")
+    if args.steps is None and args.minutes is None:
+        build_parser().error("give the training budget: --steps N or --minutes M")
     if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
         build_parser().error("--steps / --minutes must be positive")
     if args.no_fid and (args.reference or args.fid_samples):

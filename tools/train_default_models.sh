@@ -33,8 +33,9 @@ options:
                           needed only when --shards does not exist yet
   --ae-minutes M          budget of each autoencoder stage (default: 1.8)
   --diffusion-minutes M   budget of each diffusion stage and of the fine-tunes (default: 4)
-  --ae-config FILE        default: configs/cifar10_autoencoder_gpu.yaml
-  --ldm-config FILE       default: configs/cifar10_ldm_gpu.yaml
+  --ae-config FILE        default: configs/cifar10_autoencoder_f2_gpu.yaml (16x16x8 latents; the 8x8x8 recipe
+                          before it: configs/cifar10_autoencoder_gpu.yaml)
+  --ldm-config FILE       default: configs/cifar10_ldm_f2_gpu.yaml (with it: configs/cifar10_ldm_gpu.yaml)
   --vqvae-config FILE     default: configs/cifar10_vqvae.yaml
   --vqd-config FILE       default: configs/cifar10_vq_diffusion.yaml
   --init FILE             the finetune stream's starting model (default: latentdiff/assets/default.safetensors,
@@ -62,8 +63,8 @@ SHARDS=$ROOT/data/cifar10-train-shards
 SOURCE=
 AE_MINUTES=1.8
 DIFFUSION_MINUTES=4
-AE_CONFIG=$ROOT/configs/cifar10_autoencoder_gpu.yaml
-LDM_CONFIG=$ROOT/configs/cifar10_ldm_gpu.yaml
+AE_CONFIG=$ROOT/configs/cifar10_autoencoder_f2_gpu.yaml
+LDM_CONFIG=$ROOT/configs/cifar10_ldm_f2_gpu.yaml
 VQVAE_CONFIG=$ROOT/configs/cifar10_vqvae.yaml
 VQD_CONFIG=$ROOT/configs/cifar10_vq_diffusion.yaml
 INIT=$ROOT/latentdiff/assets/default.safetensors

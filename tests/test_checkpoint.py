@@ -61,6 +61,18 @@ def test_truncated_safetensors_refused(tmp_path):
         read_state_dict(path)
 
 
+def test_random_bytes_are_a_corrupt_checkpoint_whatever_the_unpickler_trips_on(tmp_path):
+    """Random bytes make torch's weights-only unpickler fail with IndexError, KeyError, UnicodeDecodeError, ...
+    (about 1 file in 12 of 4 KiB): each is reported as an unreadable checkpoint, never as a crash."""
+    import numpy as np
+
+    path = tmp_path / "random.pth"
+    for seed in range(120):
+        path.write_bytes(np.random.default_rng(seed).bytes(4096))
+        with pytest.raises(CheckpointError, match="not a readable checkpoint|refuses"):
+            read_state_dict(path)
+
+
 def test_missing_and_unsupported(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_state_dict(tmp_path / "nope.safetensors")

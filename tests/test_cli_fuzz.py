@@ -186,6 +186,10 @@ def path_cases(command: str, root: Path, data: dict) -> list[list[str]]:
         lines += [[ckpt, "--images", images, "--reference", str(p), "--no-cache", *rfid_out]
                   for p in files(".npz") + folders]
         lines += [[ckpt, "--images", images, "--no-fid", "--out", str(blocked(root) / "r.json")]]
+    elif command == "judge":  # image folders, the classifier file and the output folder are checked first
+        lines += [[str(p), "--quiet"] for p in folders]
+        lines += [[images, "--classifier", str(p), "--quiet"] for p in files(".safetensors") + folders]
+        lines += [[images, "--out", str(blocked(root) / "j.json"), "--quiet"]]
     elif command == "train-classifier":
         lines += [["--shards", str(p), "--out", str(root / "c.safetensors")] for p in folders]
         lines += [["--shards", shards, "--test-shards", str(p), "--out", str(root / "c.safetensors")]

@@ -1,4 +1,4 @@
-"""``latentdiff judge`` (latentdiff/cli/judge.py, metrics.t2i.judge_folder): class accuracy of saved PNGs by a
+"""``latentdiff judge`` (latentdiff/cli/judge.py, metrics/judge.py): class accuracy of saved PNGs by a
 classifier, with labels from each PNG's caption or its index, against the classifier applied directly to the
 same pixels; bad input exits 2."""
 
@@ -10,7 +10,7 @@ import torch
 from latentdiff.cli import judge as tool
 from latentdiff.io.images import save_png_new, to_pil
 from latentdiff.metrics.classifier import CifarClassifier, save_classifier
-from latentdiff.metrics.t2i import judge_folder
+from latentdiff.metrics.judge import judge_folder
 from tests.tiny import jitter
 
 CLASSES = ["cat", "dog", "ship"]

@@ -57,7 +57,8 @@ def markdown(results: dict) -> str:
 def run(args: argparse.Namespace) -> None:
     from latentdiff.atomic import atomic_write
     from latentdiff.metrics.classifier import classifier_metadata, load_classifier
-    from latentdiff.metrics.t2i import DEFAULT_CLASSIFIER, judge_folder
+    from latentdiff.metrics.judge import judge_folder
+    from latentdiff.metrics.t2i import DEFAULT_CLASSIFIER
 
     out = Path(args.out) if args.out else None
     if out is not None:
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> None:
         for path in (out, out.with_suffix(".md")):
             if path.exists() and not args.overwrite:
                 raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+        existing = next(p for p in out.absolute().parents if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--out {out}: {existing} is not a folder")
     for folder in map(Path, args.folders):
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder")

@@ -64,8 +64,11 @@ def read_pickle_checkpoint(path: str | Path) -> dict:
             f"{path} needs arbitrary Python objects to unpickle, which latentdiff refuses for safety "
             f"(torch.load weights_only=True said: {str(e).splitlines()[0]}). Convert it to .safetensors with a "
             f"tool you trust, or re-save only its tensors.") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile,
+            IndexError, KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
+        # random or damaged bytes make the weights-only unpickler fail in any of these ways
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(e).__name__}: {e}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return obj

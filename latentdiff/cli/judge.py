@@ -32,7 +32,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None,
                    help="classifier .safetensors (latentdiff train-classifier); default: the embedded judge")
     p.add_argument("--labels", choices=("prompt", "index"), default="prompt",
-                   help="where each image's class comes from: the caption in its PNG, or its index (i mod 10)")
+                   help="where each image's class comes from: the caption in its PNG, or its index (i mod the classes)")
     p.add_argument("--out", default=None, help="results .json (the Markdown table goes beside it as .md)")
     p.add_argument("--overwrite", action="store_true", help="replace --out and its .md")
     p.add_argument("--batch-size", type=BATCH, default=500, help="images per classifier batch")

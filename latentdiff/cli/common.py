@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from latentdiff.argtypes import (  # noqa: F401 - the numeric flag types, re-exported for the commands
@@ -44,6 +45,23 @@ def report_error(message: str, code: int = 2) -> int:
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear message on stderr and exit (status 2: bad input), with no traceback."""
     raise SystemExit(report_error(message, code))
+
+
+def report_paths(out, overwrite: bool):
+    """``--out`` of a command writing a JSON report and its Markdown table beside it: ``(out.json, out.md)``,
+    checked before any work (ValueError: not .json, or under a file; FileExistsError: exists without
+    ``overwrite``)."""
+    out = Path(out)
+    if out.suffix != ".json":
+        raise ValueError(f"--out must end in .json, got {out}")
+    existing = next(p for p in out.absolute().parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is not a folder")
+    md = out.with_suffix(".md")
+    for path in (out, md):
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    return out, md
 
 
 def lock_outdir(folder, what: str):

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from latentdiff.cli.common import BATCH, ArgumentParser, report_error, resolve_device_dtype
+from latentdiff.cli.common import BATCH, ArgumentParser, report_error, report_paths, resolve_device_dtype
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -60,16 +60,7 @@ def run(args: argparse.Namespace) -> None:
     from latentdiff.metrics.judge import judge_folder
     from latentdiff.metrics.t2i import DEFAULT_CLASSIFIER
 
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        if out.suffix != ".json":
-            raise ValueError(f"--out must end in .json, got {out}")
-        for path in (out, out.with_suffix(".md")):
-            if path.exists() and not args.overwrite:
-                raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-        existing = next(p for p in out.absolute().parents if p.exists())
-        if not existing.is_dir():
-            raise ValueError(f"--out {out}: {existing} is not a folder")
+    out, md_path = report_paths(args.out, args.overwrite) if args.out else (None, None)
     for folder in map(Path, args.folders):
         if not folder.is_dir():
             raise ValueError(f"{folder} is not a folder")
@@ -100,9 +91,9 @@ def run(args: argparse.Namespace) -> None:
     if out is not None:
         with atomic_write(out, "w", overwrite=args.overwrite) as f:
             f.write(json.dumps(results, indent=2) + "\n")
-        with atomic_write(out.with_suffix(".md"), "w", overwrite=args.overwrite) as f:
+        with atomic_write(md_path, "w", overwrite=args.overwrite) as f:
             f.write(table)
-        print(f"wrote {out} and {out.with_suffix('.md')}")
+        print(f"wrote {out} and {md_path}")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from latentdiff.cli.common import BATCH, POSITIVE, ArgumentParser, report_error, resolve_device_dtype
+from latentdiff.cli.common import BATCH, POSITIVE, ArgumentParser, report_error, report_paths, resolve_device_dtype
 from latentdiff.data.image_sources import add_selection_arguments
 
 
@@ -106,16 +106,7 @@ def run(args: argparse.Namespace) -> None:
         reconstruct_all,
     )
 
-    out = Path(args.out)
-    if out.suffix != ".json":
-        raise ValueError(f"--out must end in .json, got {out}")
-    md_path = out.with_suffix(".md")
-    existing = next(p for p in out.absolute().parents if p.exists())
-    if not existing.is_dir():
-        raise ValueError(f"--out {out}: {existing} is not a folder")
-    for path in (out, md_path):
-        if path.exists() and not args.overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    out, md_path = report_paths(args.out, args.overwrite)
     if args.no_fid and (args.baseline or args.fid_samples or args.reference):
         raise ValueError("--no-fid computes no FID: drop --baseline, --fid-samples and --reference")
     if args.baseline and not args.reference:

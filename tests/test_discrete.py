@@ -14,7 +14,9 @@ from latentdiff.diffusion.discrete import (
 from latentdiff.diffusion.discrete_sampling import (
     apply_guidance,
     learned_classifier_free_guidance,
+    purity_schedule,
     sample,
+    sample_purity,
     sampling_timesteps,
     truncate,
 )
@@ -249,3 +251,77 @@ def test_guidance():
     guided = learned_classifier_free_guidance(model, 4.0, null)(x_t, t, context=context)
     want = apply_guidance(model(x_t, t, context), model(x_t, t, null.expand(2, -1, -1)), 4.0)
     torch.testing.assert_close(guided, want)
+
+
+@pytest.mark.parametrize("steps", [T, T // 2, 1])
+def test_purity_sampling_reveals_the_expected_mask_count_and_never_changes_a_code(schedule, steps):
+    """Each call leaves round(N γ̄) [MASK] tokens of the next call's timestep (0 after the last); revealed codes
+    stay."""
+    N = 40
+    times = sampling_timesteps(T, steps)
+    left = purity_schedule(schedule, times, N)
+    gamma_bar = schedule.gamma_t_cumprod.double()
+    assert left == [round(N * float(gamma_bar[t])) for t in times[1:]] + [0]
+    assert all(a >= b for a, b in zip([N] + left, left))
+    states = []
+    model = CountingModel()
+    x = sample_purity(model, schedule, (3, N), steps=steps, generator=torch.Generator().manual_seed(0),
+                      callback=lambda i, t, x: states.append(x.clone()))
+    assert model.calls == steps and torch.all((x >= 0) & (x < K)) and torch.equal(states[-1], x)
+    before = torch.full((3, N), K)
+    for state, n_left in zip(states, left):
+        assert ((state == K).sum(dim=1) == n_left).all()
+        revealed = before != K
+        assert torch.equal(state[revealed], before[revealed])  # a code once revealed never changes
+        before = state
+    again = sample_purity(CountingModel(), schedule, (3, N), steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x, again)
+
+
+def test_purity_picks_positions_in_proportion_to_purity():
+    """The first position revealed out of two is position j with probability purity_j / (purity_1 + purity_2)
+    (purity = the largest p(x0|x_t) there); temperature τ makes it purity_j^(1/τ) / Σ purity^(1/τ)."""
+    sched = DiscreteSchedule(K, 4)
+    assert purity_schedule(sched, sampling_timesteps(4, 2), 2) == [1, 0]  # the first of 2 calls reveals one of 2
+    p = torch.tensor([[0.9, 0.025, 0.025, 0.025, 0.025], [0.3, 0.2, 0.2, 0.2, 0.1]]).T  # (K, 2): purity 0.9, 0.3
+    first = []
+
+    def model(x_t, t, context=None):
+        return p.log()[None].expand(x_t.shape[0], -1, -1)
+
+    B = 20000
+    for temperature, want in ((1.0, 0.9 / 1.2), (0.5, 0.81 / 0.9)):
+        first.clear()
+        sample_purity(model, sched, (B, 2), steps=2, generator=torch.Generator().manual_seed(1),
+                      temperature=temperature, callback=lambda i, t, x: first.append(x.clone()) if i == 0 else None)
+        share = (first[0][:, 0] != K).double().mean().item()  # position 0 revealed first
+        assert abs(share - want) < 4 * (want * (1 - want) / B) ** 0.5, (temperature, share, want)
+        codes = first[0][:, 0][first[0][:, 0] != K]  # its code is drawn from p(x0) there
+        assert abs((codes == 0).double().mean().item() - 0.9) < 0.02
+    with pytest.raises(ValueError, match="temperature"):
+        sample_purity(model, sched, (1, 2), temperature=0.0)
+
+
+def test_purity_keeps_the_joint_distribution_that_one_step_breaks():
+    """Improved VQ-Diffusion's example: data AA and BB, each half the time. A model that knows this predicts
+    50/50 for each position while both are masked and the partner's code once one is revealed. Drawing both
+    positions in one step gives AB and BA half the time; purity sampling reveals one per call and never does."""
+    sched = DiscreteSchedule(K, 8)
+    A, B = 1, 3
+
+    def model(x_t, t, context=None):
+        n = x_t.shape[0]
+        p = torch.full((n, K, 2), 1e-6)
+        both = (x_t == K).all(dim=1)
+        p[both, A, :] = p[both, B, :] = 0.5
+        for j in (0, 1):  # position j revealed: both positions take its code
+            known = (x_t[:, j] != K) & ~both
+            p[known, x_t[known, j], :] = 1.0
+        return torch.log(p / p.sum(dim=1, keepdim=True))
+
+    n = 4000
+    one_step = sample(model, sched, (n, 2), steps=1, generator=torch.Generator().manual_seed(0))
+    mixed = (one_step[:, 0] != one_step[:, 1]).double().mean().item()
+    assert 0.45 < mixed < 0.55
+    x = sample_purity(model, sched, (n, 2), steps=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(x[:, 0], x[:, 1]) and 0.45 < (x[:, 0] == A).double().mean().item() < 0.55

@@ -117,7 +117,8 @@ def test_caption_file_labels_and_no_fid(assets, tmp_path):
 
 @pytest.mark.parametrize("change", [["--steps", "0"], ["--steps", "1000"], ["--captions", "missing.txt"],
                                     ["--ckpt", "missing.safetensors"], ["--reference", "missing-dir"],
-                                    ["--num-samples", "0"], ["--sampler", "nope"], ["--classifier", "CKPT"]])
+                                    ["--num-samples", "0"], ["--sampler", "nope"], ["--classifier", "CKPT"],
+                                    ["--sampler", "vq_purity"]])
 def test_eval_bad_input_exits_2(assets, tmp_path, capsys, change):
     change = [assets["ckpt"] if c == "CKPT" else c for c in change]  # a model file is not a classifier
     with pytest.raises(SystemExit) as e:

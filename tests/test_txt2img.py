@@ -283,3 +283,28 @@ def test_from_file_makes_each_lines_images_with_their_own_seeds(ckpt, tmp_path, 
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and message in err and len(err.splitlines()) == 1, (args, err)
     assert not (tmp_path / "none").exists()
+
+
+def test_vq_purity_sampler_from_the_command_line_and_back_from_its_png(ckpt, tmp_path, capsys):
+    """--sampler vq_purity on a VQ-Diffusion model records "VQ-Diffusion purity", which --from-png reads back to
+    the same image; on a latent-diffusion model it is refused."""
+    import torch
+
+    from latentdiff.pipelines import VQDiffusionPipeline
+    from tests.test_vq_pipeline import randomize, tiny_vq_config
+
+    torch.manual_seed(0)
+    vq = randomize(VQDiffusionPipeline.from_config(tiny_vq_config(), name="tiny-vq")).save(tmp_path / "vq.safetensors")
+    first, again, chain = tmp_path / "first", tmp_path / "again", tmp_path / "chain"
+    common = ["--ckpt", str(vq), "--steps", "5", "--quiet", "--no-grid"]
+    assert txt2img.main(["a cat", "--sampler", "vq_purity", "--seed", "2", "--outdir", str(first), *common]) == 0
+    assert "Sampler: VQ-Diffusion purity," in _params(first / "00000.png")
+    assert txt2img.main(["--from-png", str(first / "00000.png"), "--outdir", str(again), *common]) == 0
+    assert _params(again / "00000.png") == _params(first / "00000.png")
+    assert _pixels(again / "00000.png") == _pixels(first / "00000.png")
+    assert txt2img.main(["a cat", "--seed", "2", "--outdir", str(chain), *common]) == 0  # the config's: vq
+    assert "Sampler: VQ-Diffusion," in _params(chain / "00000.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        txt2img.main(["a cat", "--sampler", "vq_purity", "--ckpt", str(ckpt), "--outdir", str(tmp_path / "x")])
+    assert e.value.code == 2 and "--sampler vq_purity applies to VQ-Diffusion models only" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import latentdiff
 from latentdiff.config import model_config_from_dict
-from latentdiff.diffusion.discrete_sampling import sample
+from latentdiff.diffusion.discrete_sampling import sample, sample_purity
 from latentdiff.io.checkpoint import CheckpointError, save_model_file
 from latentdiff.io.convert_vae import vae_state_dict_to_diffusers
 from latentdiff.io.convert_vq import transformer_config_to_diffusers, transformer_state_dict_to_diffusers
@@ -108,6 +108,35 @@ def test_scale_one_is_the_conditional_chain(pipe):
     assert torch.equal(images, again)
     guided, _ = pipe.generate("a cat", steps=5, seed=3, scale=4.0, truncation=1.0)
     assert not torch.equal(images, guided)
+
+
+def test_purity_sampler_by_argument_or_config_default(pipe, tmp_path):
+    """sampler="vq_purity" runs sample_purity with the same guided model and seed, and records its name; a config
+    whose sampler is vq_purity uses it by default (and for a latent-diffusion sampler name)."""
+    images, params, seen = final_codes(pipe, prompt="a cat", steps=5, seed=3, scale=1.0, truncation=1.0,
+                                       sampler="vq_purity")
+    context = pipe.encode_prompts(["a cat"])
+    with torch.inference_mode():
+        codes = sample_purity(lambda x_t, t, context: pipe.transformer(x_t, t, context), pipe.schedule,
+                              (1, S * S), steps=5, generator=torch.Generator().manual_seed(3),
+                              model_kwargs={"context": context})
+    assert torch.equal(seen[-1][2], codes)
+    assert [int((x == K).sum()) for _, _, x in seen] == [12, 9, 5, 2, 0]  # round(16 γ̄) at t = 7, 5, 3, 1; 0
+    assert params[0].sampler == "VQ-Diffusion purity" and "Sampler: VQ-Diffusion purity," in params[0].to_text()
+    chain, _ = pipe.generate("a cat", steps=5, seed=3, scale=1.0, truncation=1.0)
+    assert not torch.equal(images, chain) and pipe.default_sampler == "vq"
+    by_label, _ = pipe.generate("a cat", steps=5, seed=3, scale=1.0, truncation=1.0, sampler="VQ-Diffusion purity")
+    assert torch.equal(by_label, images)
+
+    purity = VQDiffusionPipeline(tiny_vq_config(sampler="vq_purity"), pipe.vqvae, pipe.transformer, pipe.text_encoder)
+    assert purity.default_sampler == "vq_purity"
+    for sampler in (None, "ddim"):
+        again, params = purity.generate("a cat", steps=5, seed=3, scale=1.0, truncation=1.0, sampler=sampler)
+        assert torch.equal(again, images) and params[0].sampler == "VQ-Diffusion purity"
+    loaded = latentdiff.load_pipeline(purity.save(tmp_path / "purity.safetensors"))
+    assert loaded.config.sampler == "vq_purity"
+    with pytest.raises(ValueError, match="sampler='chain' is not one of"):
+        tiny_vq_config(sampler="chain")
 
 
 @pytest.mark.parametrize("skip", [1, 2, 5])

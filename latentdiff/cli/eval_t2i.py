@@ -40,6 +40,7 @@ from latentdiff.cli.common import (
     lock_outdir,
     resolve_device_dtype,
 )
+from latentdiff.config.model import VQ_SAMPLER_NAMES
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,7 +76,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     from latentdiff.diffusion.samplers import SAMPLERS
 
     p = ArgumentParser(description=__doc__, prog=prog)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="sampler")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS) + list(VQ_SAMPLER_NAMES),
+                   help="sampler (VQ-Diffusion models: vq or vq_purity; a latent-diffusion sampler's name means "
+                        "the model's own)")
     p.add_argument("--steps", type=POSITIVE, default=25, help="sampling steps")
     p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
@@ -162,7 +165,11 @@ def _evaluate(args) -> int:
     pipe, prompts, judges, device = load_everything(args, clip)
     if args.steps > pipe.schedule.num_timesteps:
         fail(f"--steps {args.steps} exceeds the model's {pipe.schedule.num_timesteps} diffusion timesteps")
-    settings = BenchmarkSettings(sampler=args.sampler, steps=args.steps, scale=args.scale, seed=args.seed,
+    vq = pipe.config.type == "vq_diffusion"
+    if args.sampler in VQ_SAMPLER_NAMES and not vq:
+        fail(f"--sampler {args.sampler} applies to VQ-Diffusion models only")
+    sampler = pipe.default_sampler if vq and args.sampler not in VQ_SAMPLER_NAMES else args.sampler
+    settings = BenchmarkSettings(sampler=sampler, steps=args.steps, scale=args.scale, seed=args.seed,
                                  eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
                                  start=args.start)
     try:

@@ -63,6 +63,7 @@ from latentdiff.cli.common import (
 )
 from latentdiff.cli.fast_flags import add_fast_arguments, apply_fast_arguments
 from latentdiff.cli.txt2img_inputs import apply_png, check_png_against, load_loras, read_image, read_prompts, tag_names
+from latentdiff.config.model import VQ_SAMPLER_NAMES
 
 GRID_MAX = 64  # images in a grid at most; larger runs write none
 SIDE = Int(1, 16384)  # --H, --W in pixels
@@ -93,10 +94,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--scale", type=FINITE, default=None,
                    help="classifier-free guidance scale (1 = no guidance); default: the model's own "
                         "(its config's guidance_scale: 7.5 for SD 1.x and 2.x base, 9 for SD 2.x 768-v)")
-    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="sampler (latent diffusion; VQ-Diffusion models have their own and ignore it); default: the "
-                        "model's own (its config's sampler: euler_a for the embedded model, ddim for Stable "
-                        "Diffusion)")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS) + list(VQ_SAMPLER_NAMES),
+                   help="sampler; default: the model's own (its config's sampler: euler_a for the embedded model, "
+                        "ddim for Stable Diffusion, vq_purity for the embedded VQ-Diffusion model). VQ-Diffusion "
+                        "models take vq (the reverse chain) or vq_purity (purity sampling) and run their own for a "
+                        "latent-diffusion sampler's name")
     p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance-rescale", type=FRACTION, default=0.0, metavar="PHI",
                    help="guidance rescale in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale; 0.7 for "
@@ -190,6 +192,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     width = args.W or pipe.config.image_size
     scale = args.scale if args.scale is not None else pipe.default_scale
     vq_kwargs = {}
+    if args.sampler in VQ_SAMPLER_NAMES and pipe.config.type != "vq_diffusion":
+        fail(f"--sampler {args.sampler} applies to VQ-Diffusion models only")
     if args.truncation is not None:
         if pipe.config.type != "vq_diffusion":
             fail("--truncation applies to VQ-Diffusion models only")
@@ -210,7 +214,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         prompt_kwargs["guidance_rescale"] = args.guidance_rescale
     apply_fast_arguments(pipe, args)
     encoded_prompts = load_loras(pipe, args, prompts)
-    if png is not None and set(png.get("loras", ())) - {n for n, _, _ in pipe.loras} - tag_names(prompts):
+    loaded = {n for n, _, _ in getattr(pipe, "loras", ())}  # VQ-Diffusion pipelines have none
+    if png is not None and set(png.get("loras", ())) - loaded - tag_names(prompts):
         print(f"warning: {args.from_png} was made with LoRAs {png['loras']}: give them again with --lora (those "
               "named by <lora:...> tags in its prompt are loaded from --lora-dir)", file=sys.stderr)
     img2img = {}

@@ -87,7 +87,7 @@ def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.Arg
 def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
     """Warn when the --from-png PNG names another model; drop the PNG's settings that the loaded model has no use
     for (a VQ-Diffusion truncation on a latent-diffusion model, a clip skip or guidance rescale on a VQ-Diffusion
-    model, the VQ-Diffusion sampler name)."""
+    model), and read a VQ-Diffusion sampler's recorded name ("VQ-Diffusion purity" -> vq_purity)."""
     from latentdiff.diffusion.samplers import SAMPLERS
 
     if png["model"] and png["model"] != pipe.name:
@@ -104,7 +104,9 @@ def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
         if not vq:
             fail(f"--from-png {args.from_png}: sampler {args.sampler!r} is not one of ours "
                  f"({', '.join(sorted(SAMPLERS))}); choose one with --sampler")
-        args.sampler = None
+        from latentdiff.pipelines.vq import vq_sampler_id
+
+        args.sampler = vq_sampler_id(args.sampler)  # None (the model's own) for a name it does not know
 
 
 def read_prompts(path: str) -> list[str]:

@@ -15,6 +15,8 @@ from latentdiff.config.coerce import from_dict
 
 # The names of diffusion.samplers.SAMPLERS (config imports nothing above it; tests/test_config.py checks they agree).
 SAMPLER_NAMES = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "euler_a")
+# VQ-Diffusion's samplers (pipelines.vq.VQ_SAMPLERS): the reverse chain and purity sampling.
+VQ_SAMPLER_NAMES = ("vq", "vq_purity")
 
 
 @dataclass
@@ -309,13 +311,15 @@ class VQDiffusionConfig:
 
     ``normalize_context``: the text encoder's hidden states are L2-normalised per token before the transformer
     sees them, as VQ-Diffusion was trained (the learned null context is used as is). ``guidance_scale`` and
-    ``truncation_rate`` are the sampling defaults (Improved VQ-Diffusion; 1.0 disables either).
+    ``truncation_rate`` are the sampling defaults (Improved VQ-Diffusion; 1.0 disables either), and ``sampler``
+    the default sampler: ``vq`` (the reverse chain) or ``vq_purity`` (purity sampling).
     """
 
     type: str = "vq_diffusion"
     image_size: int = 256
     guidance_scale: float = 5.0
     truncation_rate: float = 1.0
+    sampler: str = "vq"
     normalize_context: bool = True
     vqvae: VQModelConfig = field(default_factory=VQModelConfig)
     transformer: VQTransformerConfig = field(default_factory=VQTransformerConfig)
@@ -326,6 +330,7 @@ class VQDiffusionConfig:
     def __post_init__(self):
         check(self.type == "vq_diffusion", f"type={self.type!r} must be 'vq_diffusion'")
         check(0 < self.truncation_rate <= 1, f"truncation_rate={self.truncation_rate!r} must be in (0, 1]")
+        check_choice("sampler", self.sampler, VQ_SAMPLER_NAMES)
         check(self.transformer.num_codes == self.vqvae.num_codes,
                f"transformer.num_codes={self.transformer.num_codes} must equal vqvae.num_codes={self.vqvae.num_codes}")
         check(self.transformer.num_timesteps == self.schedule.num_timesteps,

@@ -8,6 +8,10 @@
   probability reaches r, then renormalise.
 - Learnable classifier-free guidance (Tang et al. Sec. 3.2): log p̃(x0|x_t, y) = log_softmax(log p(x0|x_t, ∅) +
   s (log p(x0|x_t, y) - log p(x0|x_t, ∅))), where ∅ is a learned null context.
+- Purity sampling (Tang et al. Sec. 3.3, the "high-quality inference strategy"): tokens drawn in the same step are
+  drawn independently, so a step that reveals many at once breaks their joint distribution; instead reveal only as
+  many [MASK] positions per call as the schedule unmasks on average, chosen with probability proportional to their
+  purity max_k p(x0=k|x_t) (confident positions first), and keep revealed codes fixed. See :func:`sample_purity`.
 
 A model is any callable ``model(x_t (B, N) long, t (B,) long, **model_kwargs) -> log p(x0|x_t) (B, K, N)``.
 """
@@ -104,6 +108,54 @@ def sample(model: Callable, schedule: DiscreteSchedule, shape: tuple[int, int], 
         else:
             log_probs = log_x0
         x = sample_categorical(log_probs, generator)  # (B, N)
+        if callback is not None:
+            callback(i, t, x)
+    return x
+
+
+def purity_schedule(schedule: DiscreteSchedule, times: list[int], num_tokens: int) -> list[int]:
+    """[MASK] positions left after each call of :func:`sample_purity`: round(N γ̄) at the next call's timestep,
+    0 after the last call (non-increasing, since γ̄ rises with t)."""
+    gamma_bar = schedule.gamma_t_cumprod.double().cpu()
+    return [round(num_tokens * float(gamma_bar[t])) for t in times[1:]] + [0]
+
+
+@torch.no_grad()
+def sample_purity(model: Callable, schedule: DiscreteSchedule, shape: tuple[int, int], *, steps: int | None = None,
+                  truncation_rate: float = 1.0, generator: torch.Generator | None = None,
+                  callback: Callable[[int, int, torch.Tensor], None] | None = None,
+                  model_kwargs: dict | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Purity sampling from all-[MASK]: codes (B, N) in [0, K); same model, steps and callback as :func:`sample`.
+
+    At call i (timestep t_i), with p = p_θ(x0|x_t) truncated to ``truncation_rate``:
+
+    1. the number of positions to reveal is the masked count now minus :func:`purity_schedule`'s count, the
+       expected number of [MASK] tokens at the next call's timestep (N γ̄_{t_{i+1}}, rounded; all at the last call);
+    2. those positions are drawn without replacement among the [MASK] ones with probability proportional to
+       purity^(1/temperature), purity = max_k p(x0=k|x_t) (Gumbel top-k; ``temperature`` → 0 is greedy, most
+       confident first);
+    3. each is given a code drawn from p(x0|x_t) at that position; codes already revealed never change.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature!r} must be > 0")
+    B, N = shape
+    device = schedule.device
+    x = torch.full((B, N), schedule.mask_index, device=device, dtype=torch.long)
+    times = sampling_timesteps(schedule.num_timesteps, schedule.num_timesteps if steps is None else steps)
+    masked_left = purity_schedule(schedule, times, N)
+    masked_now = N
+    for i, t in enumerate(times):
+        t_now = torch.full((B,), t, device=device, dtype=torch.long)
+        log_x0 = truncate(model(x, t_now, **(model_kwargs or {})).float(), truncation_rate)  # (B, K, N)
+        reveal = masked_now - masked_left[i]
+        if reveal > 0:
+            masked = x == schedule.mask_index  # (B, N), the same count in every row
+            u = torch.rand((B, N), generator=generator, device=device)
+            gumbel = -torch.log(-torch.log(u + 1e-30) + 1e-30)
+            score = (log_x0.max(dim=1).values / temperature + gumbel).masked_fill(~masked, float("-inf"))
+            chosen = torch.zeros_like(masked).scatter_(1, score.topk(reveal, dim=1).indices, True)
+            x = torch.where(chosen, sample_categorical(log_x0, generator), x)
+            masked_now = masked_left[i]
         if callback is not None:
             callback(i, t, x)
     return x

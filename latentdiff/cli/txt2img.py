@@ -96,9 +96,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "(its config's guidance_scale: 7.5 for SD 1.x and 2.x base, 9 for SD 2.x 768-v)")
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS) + list(VQ_SAMPLER_NAMES),
                    help="sampler; default: the model's own (its config's sampler: euler_a for the embedded model, "
-                        "ddim for Stable Diffusion, vq_purity for the embedded VQ-Diffusion model). VQ-Diffusion "
-                        "models take vq (the reverse chain) or vq_purity (purity sampling) and run their own for a "
-                        "latent-diffusion sampler's name")
+                        "ddim for Stable Diffusion, vq for VQ-Diffusion). VQ-Diffusion models take vq (the reverse "
+                        "chain) or vq_purity (purity sampling) and run their own for a latent-diffusion sampler's "
+                        "name")
     p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta (0 = deterministic)")
     p.add_argument("--guidance-rescale", type=FRACTION, default=0.0, metavar="PHI",
                    help="guidance rescale in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale; 0.7 for "

@@ -92,10 +92,12 @@ def test_unreadable_config_is_a_value_error(tmp_path):
 
 
 def test_default_sampler_and_steps_are_validated():
-    from latentdiff.config.model import SAMPLER_NAMES
+    from latentdiff.config.model import SAMPLER_NAMES, VQ_SAMPLER_NAMES
     from latentdiff.diffusion.samplers import SAMPLERS
+    from latentdiff.pipelines.vq import VQ_SAMPLERS
 
     assert set(SAMPLER_NAMES) == set(SAMPLERS)  # config keeps its own copy of the names (no import upward)
+    assert set(VQ_SAMPLER_NAMES) == set(VQ_SAMPLERS) and not set(VQ_SAMPLERS) & set(SAMPLERS)
     cfg = tiny_ldm_config(sampler="euler_a", steps=10)
     assert (cfg.sampler, cfg.steps) == ("euler_a", 10) and config_from_json(config_to_json(cfg)) == cfg
     with pytest.raises(ValueError, match="sampler='plms' is not one of"):

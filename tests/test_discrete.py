@@ -267,7 +267,8 @@ def test_purity_sampling_reveals_the_expected_mask_count_and_never_changes_a_cod
     model = CountingModel()
     x = sample_purity(model, schedule, (3, N), steps=steps, generator=torch.Generator().manual_seed(0),
                       callback=lambda i, t, x: states.append(x.clone()))
-    assert model.calls == steps and torch.all((x >= 0) & (x < K)) and torch.equal(states[-1], x)
+    assert len(states) == steps and torch.all((x >= 0) & (x < K)) and torch.equal(states[-1], x)
+    assert model.calls == sum(a > b for a, b in zip([N] + left, left))  # the network only where a call reveals
     before = torch.full((3, N), K)
     for state, n_left in zip(states, left):
         assert ((state == K).sum(dim=1) == n_left).all()
@@ -276,6 +277,17 @@ def test_purity_sampling_reveals_the_expected_mask_count_and_never_changes_a_cod
         before = state
     again = sample_purity(CountingModel(), schedule, (3, N), steps=steps, generator=torch.Generator().manual_seed(0))
     assert torch.equal(x, again)
+
+
+def test_purity_skips_the_network_on_calls_that_reveal_nothing(schedule):
+    """4 positions over the 8-step chain: round(4 γ̄) stays put on some calls, which make no network call."""
+    left = purity_schedule(schedule, sampling_timesteps(T, T), 4)
+    revealing = sum(a > b for a, b in zip([4] + left, left))
+    assert revealing < T
+    model, seen = CountingModel(), []
+    sample_purity(model, schedule, (2, 4), generator=torch.Generator().manual_seed(0),
+                  callback=lambda i, t, x: seen.append(i))
+    assert model.calls == revealing and seen == list(range(T))
 
 
 def test_purity_picks_positions_in_proportion_to_purity():

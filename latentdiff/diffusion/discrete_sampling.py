@@ -116,8 +116,8 @@ def sample(model: Callable, schedule: DiscreteSchedule, shape: tuple[int, int], 
 def purity_schedule(schedule: DiscreteSchedule, times: list[int], num_tokens: int) -> list[int]:
     """[MASK] positions left after each call of :func:`sample_purity`: round(N γ̄) at the next call's timestep,
     0 after the last call (non-increasing, since γ̄ rises with t)."""
-    gamma_bar = schedule.gamma_t_cumprod.double().cpu()
-    return [round(num_tokens * float(gamma_bar[t])) for t in times[1:]] + [0]
+    gamma_bar = schedule.gamma_t_cumprod.tolist()
+    return [round(num_tokens * gamma_bar[t]) for t in times[1:]] + [0]
 
 
 @torch.no_grad()
@@ -135,6 +135,9 @@ def sample_purity(model: Callable, schedule: DiscreteSchedule, shape: tuple[int,
        purity^(1/temperature), purity = max_k p(x0=k|x_t) (Gumbel top-k; ``temperature`` → 0 is greedy, most
        confident first);
     3. each is given a code drawn from p(x0|x_t) at that position; codes already revealed never change.
+
+    A call that would reveal nothing (more calls than positions, e.g. the full chain of 100 on 8×8 codes) skips
+    the network; its callback still runs.
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
@@ -145,10 +148,10 @@ def sample_purity(model: Callable, schedule: DiscreteSchedule, shape: tuple[int,
     masked_left = purity_schedule(schedule, times, N)
     masked_now = N
     for i, t in enumerate(times):
-        t_now = torch.full((B,), t, device=device, dtype=torch.long)
-        log_x0 = truncate(model(x, t_now, **(model_kwargs or {})).float(), truncation_rate)  # (B, K, N)
         reveal = masked_now - masked_left[i]
         if reveal > 0:
+            t_now = torch.full((B,), t, device=device, dtype=torch.long)
+            log_x0 = truncate(model(x, t_now, **(model_kwargs or {})).float(), truncation_rate)  # (B, K, N)
             masked = x == schedule.mask_index  # (B, N), the same count in every row
             u = torch.rand((B, N), generator=generator, device=device)
             gumbel = -torch.log(-torch.log(u + 1e-30) + 1e-30)

@@ -177,11 +177,10 @@ class VQDiffusionPipeline(Pipeline):
             raise ValueError(f"steps={steps} must be between 1 and {T}")
         if not 0 < truncation <= 1:
             raise ValueError(f"truncation={truncation} must be in (0, 1]")
-        if sampler is None or sampler in SAMPLERS:
-            sampler = self.default_sampler
-        elif vq_sampler_id(sampler) is None:
+        sampler_id = self.default_sampler if sampler is None or sampler in SAMPLERS else vq_sampler_id(sampler)
+        if sampler_id is None:
             raise ValueError(f"unknown sampler {sampler!r}; VQ-Diffusion's samplers are {', '.join(VQ_SAMPLERS)}")
-        sample_fn, sampler_label = VQ_SAMPLERS[vq_sampler_id(sampler)]
+        sample_fn, sampler_label = VQ_SAMPLERS[sampler_id]
         if eta:
             raise ValueError(f"eta={eta} applies to DDIM only; VQ-Diffusion sampling has no eta")
         if num_images_per_prompt < 1:

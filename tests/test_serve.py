@@ -1,5 +1,5 @@
 """The HTTP server against a real AUTOMATIC1111 client (the ``webuiapi`` package from PyPI): a uvicorn server in a
-thread on a loopback port with the embedded model and the tiny test model; images are checked against the
+thread on a loopback port with the embedded models and the tiny test model; images are checked against the
 pipeline's own ``generate`` (the same pixels), batching by the worker's counters (``/health``); a fuzz corpus of
 bad requests. The command line and Ray Serve: tests/test_serve_cli.py, tests/test_serve_ray.py."""
 
@@ -64,7 +64,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_ldm_file):
-    settings = ServeSettings(ckpts=["default", str(tiny_ldm_file)], device="cpu", max_batch=4, batch_window_ms=20,
+    settings = ServeSettings(ckpts=["default", str(tiny_ldm_file), "default-vq"], device="cpu", max_batch=4, batch_window_ms=20,
                              limits=Limits(max_steps=150, max_queue=8, max_body_bytes=2**20, max_pixels=512 * 512))
     srv = Server(Service.start(settings))
     yield srv
@@ -142,9 +142,10 @@ def test_img2img_with_webuiapi(server):
 def test_samplers_models_options(server):
     api = server.api()
     names = [s["name"] for s in api.get_samplers()]
-    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "DDPM"} == set(names)
+    assert {"Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DDIM", "DDPM", "VQ-Diffusion", "VQ-Diffusion purity"} \
+        == set(names)  # VQ-Diffusion's because the server holds a VQ-Diffusion model
     models = api.get_sd_models()
-    assert [m["model_name"] for m in models] == ["default", "tiny"]
+    assert [m["model_name"] for m in models] == ["default", "tiny", "default-vq"]
     assert all(m["title"] == f"{m['model_name']} [{m['hash']}]" and len(m["hash"]) == 10 for m in models)
     assert api.util_get_current_model() == models[0]["title"]
     api.util_set_model("tiny")  # webuiapi: POST /sdapi/v1/options {"sd_model_checkpoint": title}
@@ -162,6 +163,30 @@ def test_samplers_models_options(server):
     finally:
         api.set_options({"sd_model_checkpoint": "default"})
     assert api.util_get_current_model() == models[0]["title"]
+
+
+def test_vq_diffusion_model_runs_the_sampler_a_request_names(server):
+    """A VQ-Diffusion model runs the VQ-Diffusion sampler a request names ("VQ-Diffusion purity" or our id), the
+    same pixels as its pipeline's generate; a latent-diffusion sampler's name (AUTOMATIC1111 clients send one with
+    every request) gives the model's own sampler; a VQ-Diffusion sampler asked of a latent model is a 422."""
+    api = server.api()
+    vq = server.service.models.find("default-vq").pipe
+    ask = dict(prompt=PROMPT, seed=3, steps=6, cfg_scale=4, width=32, height=32,
+               override_settings={"sd_model_checkpoint": "default-vq"})
+    chain, _ = vq.generate(PROMPT, steps=6, scale=4, seed=3)
+    purity, _ = vq.generate(PROMPT, steps=6, scale=4, seed=3, sampler="vq_purity")
+    assert not np.array_equal(pixels(to_pil(chain)[0]), pixels(to_pil(purity)[0]))
+    for name, expected, label in (("VQ-Diffusion purity", purity, "VQ-Diffusion purity"),
+                                  ("vq_purity", purity, "VQ-Diffusion purity"),
+                                  ("VQ-Diffusion", chain, "VQ-Diffusion"), ("Euler a", chain, "VQ-Diffusion")):
+        r = api.txt2img(sampler_name=name, **ask)
+        assert r.info["sampler_name"] == label and f"Sampler: {label}," in r.image.info["parameters"], name
+        assert np.array_equal(pixels(r.image), pixels(to_pil(expected)[0])), name
+    r = api.txt2img(**ask)  # no sampler: the model's own (its config's, "vq")
+    assert r.info["sampler_name"] == "VQ-Diffusion"
+    bad = httpx.post(f"{server.url}/sdapi/v1/txt2img", json={**GOOD, "sampler_name": "VQ-Diffusion purity"})
+    assert bad.status_code == 422 and "VQ-Diffusion's" in bad.json()["detail"]
+    assert "latent-diffusion model" in bad.json()["detail"] and "Euler a" in bad.json()["detail"]
 
 
 def test_progress_and_interrupt(server):
@@ -327,7 +352,7 @@ def corpus() -> list[tuple[str, str, object]]:
     bad_values = {"steps": [0, -1, 151, 10**12, 2**64], "width": [0, -32, 33, 100000, 10**30],
                   "height": [-1, 7, 2**40], "seed": [-2, 2**32, 2**70, -(2**63)], "cfg_scale": [-1, 1e6, 1e308],
                   "batch_size": [0, -3, 17, 10**9], "n_iter": [0, 5000], "eta": [-0.5],
-                  "sampler_name": ["nope", "DPM++ 3M", "../../etc/passwd"],
+                  "sampler_name": ["nope", "DPM++ 3M", "../../etc/passwd", "VQ-Diffusion purity", "vq"],
                   "scheduler": ["exponential", "sgm_uniform"], "prompt": ["x" * 2001], "negative_prompt": ["y" * 3000],
                   "enable_hr": [True], "restore_faces": [True], "tiling": [True], "subseed_strength": [0.5],
                   "script_name": ["x/y"], "alwayson_scripts": [{"ControlNet": {"args": []}}], "styles": [["s"]],

@@ -165,8 +165,8 @@ def _add_routes(app: FastAPI) -> None:
         return [m.a1111() for m in _service(request).models.models]
 
     @app.get("/sdapi/v1/samplers")
-    async def samplers():
-        return sampler_items()
+    async def samplers(request: Request):
+        return sampler_items(any(m.is_vq for m in _service(request).models.models))
 
     @app.get("/sdapi/v1/scripts")
     async def scripts():

@@ -66,7 +66,7 @@ def plan_job(req: GenerationRequest, kind: str, models: ModelSet, limits: Limits
     n = req.batch_size * req.n_iter
     if n > limits.max_images:
         raise RequestError(f"batch_size * n_iter = {n} images; the limit is {limits.max_images} per request")
-    sampler = pipe.default_sampler if model.is_vq else _sampler_of(req, pipe.default_sampler)
+    sampler = _sampler_of(req, pipe.default_sampler, model.is_vq)
     scheduler = (req.scheduler or "automatic").lower()
     if scheduler == "karras" and not model.is_vq and sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
         sampler = "dpmpp_2m_karras"  # AUTOMATIC1111 1.9+: sampler "DPM++ 2M" with scheduler "Karras"
@@ -82,9 +82,7 @@ def plan_job(req: GenerationRequest, kind: str, models: ModelSet, limits: Limits
         raise RequestError(f"cfg_scale={scale:g}: at most {CFG_MAX:g}")
     eta = _eta_of(req.eta, sampler, model.is_vq)
 
-    settings = {"steps": steps, "scale": scale, "eta": eta}
-    if not model.is_vq:
-        settings["sampler"] = sampler
+    settings = {"steps": steps, "scale": scale, "eta": eta, "sampler": sampler}
     init_digest = strength = None
     if kind == "img2img":
         if model.is_vq:
@@ -150,12 +148,12 @@ def _model_of(req: GenerationRequest, models: ModelSet) -> ServedModel:
         raise RequestError(str(e)) from None
 
 
-def _sampler_of(req: GenerationRequest, default: str) -> str:
+def _sampler_of(req: GenerationRequest, default: str, vq: bool) -> str:
     name = req.sampler_name or req.sampler_index
     if not name:
         return default
     try:
-        return sampler_for(name)
+        return sampler_for(name, vq) or default
     except ValueError as e:
         raise RequestError(str(e)) from None
 

@@ -10,18 +10,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# Our sampler ids and AUTOMATIC1111's names for them (what /sdapi/v1/samplers lists).
+# Our sampler ids and AUTOMATIC1111's names for them (what /sdapi/v1/samplers lists); VQ-Diffusion's own two.
 from latentdiff.io.images import SAMPLER_LABELS
+from latentdiff.pipelines.vq import VQ_SAMPLERS
 
+VQ_SAMPLER_LABELS = {sid: label for sid, (_, label) in VQ_SAMPLERS.items()}  # "vq_purity": "VQ-Diffusion purity"
 SAMPLER_NAMES = {**{label.lower(): sid for sid, label in SAMPLER_LABELS.items()}, **{s: s for s in SAMPLER_LABELS}}
+VQ_SAMPLER_NAMES = {**{label.lower(): sid for sid, label in VQ_SAMPLER_LABELS.items()},
+                    **{s: s for s in VQ_SAMPLER_LABELS}}
 
 
-def sampler_for(name: str) -> str:
-    """Our sampler id for an AUTOMATIC1111 sampler name or one of our ids (any case); ValueError otherwise."""
-    sid = SAMPLER_NAMES.get(name.strip().lower())
+def sampler_for(name: str, vq: bool = False) -> str | None:
+    """Our sampler id for an AUTOMATIC1111 sampler name or one of our ids (any case), for a latent-diffusion model
+    or (``vq``) a VQ-Diffusion one. A VQ-Diffusion model runs its own samplers ("VQ-Diffusion", "VQ-Diffusion
+    purity"); a latent-diffusion sampler's name asked of it gives None (its own default runs: AUTOMATIC1111's
+    clients send a sampler with every request). ValueError for an unknown name and for a VQ-Diffusion sampler
+    asked of a latent-diffusion model."""
+    key = name.strip().lower()
+    if key in VQ_SAMPLER_NAMES:
+        if not vq:
+            raise ValueError(f"sampler {name!r} is VQ-Diffusion's; this is a latent-diffusion model: choose one of "
+                             f"{', '.join(SAMPLER_LABELS.values())}")
+        return VQ_SAMPLER_NAMES[key]
+    sid = SAMPLER_NAMES.get(key)
     if sid is None:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLER_LABELS.values())}")
-    return sid
+        choices = [*SAMPLER_LABELS.values(), *VQ_SAMPLER_LABELS.values()] if vq else SAMPLER_LABELS.values()
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(choices)}")
+    return None if vq else sid
+
+
+def sampler_name(sid: str) -> str:
+    """AUTOMATIC1111's name of one of our sampler ids, latent or VQ-Diffusion ("vq_purity" -> "VQ-Diffusion
+    purity"); other names are kept as they are."""
+    return VQ_SAMPLER_LABELS.get(sid) or SAMPLER_LABELS.get(sid, sid)
 
 
 @dataclass

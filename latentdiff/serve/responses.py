@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from latentdiff.io.images import make_grid, png_bytes, sampler_label, to_pil
+from latentdiff.io.images import SAMPLER_LABELS, make_grid, png_bytes, to_pil
 from latentdiff.serve.jobs import Job
+from latentdiff.serve.models import VQ_SAMPLER_LABELS, sampler_name
 from latentdiff.serve.schemas import GenerationRequest
 from latentdiff.version import __version__
 
@@ -51,7 +52,7 @@ def info(job: Job, req: GenerationRequest, infotexts: list[str], index_of_first_
         "subseed": job.subseed, "all_subseeds": [job.subseed + i for i in range(n)],
         "subseed_strength": req.subseed_strength,
         "width": s["width"], "height": s["height"],
-        "sampler_name": sampler_label(sampler), "cfg_scale": s["scale"], "steps": s["steps"],
+        "sampler_name": sampler_name(sampler), "cfg_scale": s["scale"], "steps": s["steps"],
         "batch_size": job.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.name, "sd_model_hash": model.hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": req.seed_resize_from_w, "seed_resize_from_h": req.seed_resize_from_h,
@@ -67,8 +68,8 @@ def info(job: Job, req: GenerationRequest, infotexts: list[str], index_of_first_
     }
 
 
-def sampler_items() -> list[dict]:
-    """``/sdapi/v1/samplers``: AUTOMATIC1111's name of each of our samplers, our id as its alias."""
-    from latentdiff.io.images import SAMPLER_LABELS
-
-    return [{"name": label, "aliases": [sid], "options": {}} for sid, label in SAMPLER_LABELS.items()]
+def sampler_items(vq: bool = False) -> list[dict]:
+    """``/sdapi/v1/samplers``: AUTOMATIC1111's name of each of our samplers, our id as its alias; with ``vq`` (the
+    server holds a VQ-Diffusion model) VQ-Diffusion's two samplers as well."""
+    labels = {**SAMPLER_LABELS, **VQ_SAMPLER_LABELS} if vq else SAMPLER_LABELS
+    return [{"name": label, "aliases": [sid], "options": {}} for sid, label in labels.items()]

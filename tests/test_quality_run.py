@@ -157,6 +157,49 @@ def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
 
 
+def fake_eval(outdir: Path, label: str, fid: float, new_judge: float, old_judge: float, file: str) -> None:
+    """An eval_<label>/ folder as the eval stage leaves it (results.json of eval_t2i, judge_embedded.json)."""
+    folder = outdir / f"eval_{label}"
+    folder.mkdir(parents=True)
+    result = {"num_samples": 10000, "fid": {"value": fid}, "class_accuracy": {"accuracy": new_judge},
+              "checkpoint": file}
+    (folder / "results.json").write_text(json.dumps(result))
+    (folder / "judge_embedded.json").write_text(json.dumps({"folders": [{"accuracy": old_judge, "images": 10000}]}))
+
+
+@pytest.mark.parametrize("case", ["new ships with purity", "old repacked with purity"])
+def test_vq_diffusion_verdict_weighs_both_samplers(data, tmp_path, case):
+    """The discrete stream is judged with both samplers: a new VQ-Diffusion model that wins with purity sampling
+    ships repacked with it as its default (the lower FID of the rows that ship); when no new model ships but purity
+    sampling beats the embedded model's own sampler on both counts, the embedded file is repacked."""
+    outdir = tmp_path / "out"
+    new_file = outdir / "runs/cifar10_vq_diffusion/model-fp16.safetensors"
+    new_file.parent.mkdir(parents=True)
+    new_file.write_bytes(b"x" * 1000)
+    new = (60.0, 0.70, 0.66) if case == "new ships with purity" else (120.0, 0.30, 0.28)
+    fake_eval(outdir, "old_default-vq", 95.8, 0.46, 0.50, "default-vq")
+    fake_eval(outdir, "old_default-vq_purity", 92.0, 0.47, 0.52, "default-vq")
+    fake_eval(outdir, "new_default-vq", *new, str(new_file))
+    fake_eval(outdir, "new_default-vq_purity", new[0] - 5, new[1] + 0.02, new[2] + 0.02, str(new_file))
+    out = run(["--smoke", "--device", "cpu", "--no-fid", "--streams", "discrete", "--skip", "judge,train,rfid-new,eval",
+               "--test-source", data / "test.tar.gz", outdir], cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = (outdir / "summary.md").read_text()
+    assert "| old_default-vq_purity | 10000 | 92.00 | 47.0 % | 52.0 % |" in summary, summary
+    asset = "latentdiff/assets/default_vq.safetensors"
+    if case == "new ships with purity":
+        assert "- default-vq: SHIPS (FID 60.00 vs 95.80, accuracy 70.0 % vs 46.0 % by the new judge" in summary
+        assert "- default-vq with purity sampling: SHIPS (FID 55.00 vs 95.80, accuracy 72.0 % vs 46.0 %" in summary
+        assert (f"ships: new_default-vq_purity: `python tools/pack_model.py {new_file} {asset} --set "
+                "sampler=vq_purity --overwrite`") in summary, summary
+        assert "the embedded model with purity sampling" not in summary
+    else:
+        assert "- default-vq: does not ship (FID 120.00 vs 95.80" in summary and "ships:" not in summary
+        assert ("- default-vq, the embedded model with purity sampling against its own sampler: better (FID 92.00 vs "
+                "95.80, accuracy 47.0 % vs 46.0 % by the new judge)") in summary, summary
+        assert f"repack it so: `python tools/pack_model.py {asset} {asset} --set sampler=vq_purity" in summary
+
+
 def test_a_failed_stage_exits_1_and_the_others_still_run(data, tmp_path):
     outdir = tmp_path / "out"
     stand_in_runs(outdir, model_bytes=b"not a model")

@@ -24,14 +24,17 @@ is reported and the stages that do not need its output still run. Stages (--skip
             -> OUTDIR/rfid/new.json and .md
   eval      tools/eval_t2i.py on the class captions for the old (default, default-vq) and new models of --streams,
             --num-samples images each, judged by the new classifier when OUTDIR/judge has one (then also re-scored by
-            the embedded one) -> OUTDIR/eval_<model>/
+            the embedded one) -> OUTDIR/eval_<model>/; VQ-Diffusion models with both samplers, the reverse chain
+            (vq) and purity sampling (vq_purity, eval_<model>_purity/)
 
 Before the stages, missing shards are made with tools/make_shards.py (--shards from --train-source, --test-shards
 from --test-source; outside OUTDIR, so that OUTDIR stays small enough to copy back). OUTDIR/summary.md holds
 every stage's status and wall time, the judge's accuracy, the rFID tables and the old-vs-new table (FID-10k,
 class accuracy by the new and the old judge, file size) with the shipping rule of issue #17 applied: a new model
 ships only when it beats the old one on both FID and class accuracy (by the new judge when there is one) and its
-packed file is at most 40 MB. Nothing is copied into latentdiff/assets: summary.md prints the commands that would.
+packed file is at most 40 MB (a new VQ-Diffusion model with either sampler against the old one with its own; one
+that wins with purity sampling ships repacked with it as its default, as does the old one when purity sampling
+beats its own). Nothing is copied into latentdiff/assets: summary.md prints the commands that would.
 Also written: OUTDIR/<stage>.log (each stage's output), OUTDIR/env.txt. Run the same command again with --skip
 for the stages done (their outputs in OUTDIR are reused): e.g. a second call on a machine with a time limit.
 The exit status is 1 when a stage failed (the others still ran), 2 for bad arguments (before any work).
@@ -316,13 +319,17 @@ new_autoencoders() {
     done
 }
 
-eval_models() {  # "label model" per model of eval: per stream, the embedded (old) model and the new one
+eval_models() {  # "label model [sampler]" per evaluation: per stream, the embedded (old) model and the new one;
+    # VQ-Diffusion models also with purity sampling (label suffix _purity), which may ship as a model's default
+    local new_vq=$OUTDIR/runs/cifar10_vq_diffusion/model-fp16.safetensors
     for s in $STREAMS; do
         case $s in
             continuous) echo "old_default default"
                         echo "new_default $OUTDIR/runs/cifar10_ldm/model-fp16.safetensors" ;;
-            discrete) echo "old_default-vq default-vq"
-                      echo "new_default-vq $OUTDIR/runs/cifar10_vq_diffusion/model-fp16.safetensors" ;;
+            discrete) echo "old_default-vq default-vq vq"
+                      echo "old_default-vq_purity default-vq vq_purity"
+                      echo "new_default-vq $new_vq vq"
+                      echo "new_default-vq_purity $new_vq vq_purity" ;;
         esac
     done
 }
@@ -347,10 +354,11 @@ evaluate() {  # the old and new models with the new judge when there is one, the
         common+=(--reference "$STATS" ${FID_ARGS[@]+"${FID_ARGS[@]}"})
     fi
     if [ -f "$judge" ] && ! failed judge; then common+=(--classifier "$judge"); fi
-    while read -r label model; do
+    while read -r label model sampler; do
         rm -rf "${OUTDIR:?}/eval_$label"  # eval_t2i.py refuses an images/ folder that already holds images
-        echo "-- eval_$label: $model"
-        if "$PYTHON" tools/eval_t2i.py --ckpt "$model" "${common[@]}" --outdir "$OUTDIR/eval_$label"; then
+        echo "-- eval_$label: $model${sampler:+ ($sampler)}"
+        if "$PYTHON" tools/eval_t2i.py --ckpt "$model" ${sampler:+--sampler "$sampler"} "${common[@]}" \
+                --outdir "$OUTDIR/eval_$label"; then
             done+=("$OUTDIR/eval_$label")
         else
             echo "-- eval_$label: FAILED"; code=1
@@ -457,26 +465,56 @@ if rows:
               "one) than the old model, and a packed file of at most 40 MB.", ""]
     assets = {"default": "latentdiff/assets/default.safetensors",
               "default-vq": "latentdiff/assets/default_vq.safetensors"}
-    for kind, asset in assets.items():
-        old, new = rows.get(f"old_{kind}"), rows.get(f"new_{kind}")
-        if not (old and new):
-            continue
+
+    def verdict(old, new, size):
+        """(text, ships) of a new model's row against the old model's row."""
         key = "acc_new" if new["acc_new"] is not None and old["acc_new"] is not None else "acc_old"
-        size = Path(new["file"]).stat().st_size / 1e6 if Path(new["file"]).is_file() else float("nan")
         if new["images"] != old["images"]:
-            verdict = f"undecided: {new['images']} new images against {old['images']} old ones (run eval again)"
-        elif new["fid"] is None or old["fid"] is None:
-            verdict = "undecided: no FID yet (compute it with the commands below, then compare)"
-        elif new["acc_old"] is None and new["acc_new"] is None:
-            verdict = "undecided: no class accuracy"
-        else:
-            better = new["fid"] < old["fid"] and (new[key] or 0) > (old[key] or 0) and size <= 40
-            verdict = ("SHIPS" if better else "does not ship") + (
-                f" (FID {new['fid']:.2f} vs {old['fid']:.2f}, accuracy {pct(new[key])} vs {pct(old[key])} by the "
-                f"{'new' if key == 'acc_new' else 'embedded'} judge, {size:.1f} MB)")
-        lines.append(f"- {kind}: {verdict}")
-        if verdict.startswith("SHIPS") or verdict.startswith("undecided: no FID"):
-            lines.append(f"  `cp {new['file']} {asset}`  (then the model card and BENCHMARKS.md)")
+            return f"undecided: {new['images']} new images against {old['images']} old ones (run eval again)", False
+        if new["fid"] is None or old["fid"] is None:
+            return "undecided: no FID yet (compute it with the commands below, then compare)", False
+        if new["acc_old"] is None and new["acc_new"] is None:
+            return "undecided: no class accuracy", False
+        better = new["fid"] < old["fid"] and (new[key] or 0) > (old[key] or 0) and size <= 40
+        return ("SHIPS" if better else "does not ship") + (
+            f" (FID {new['fid']:.2f} vs {old['fid']:.2f}, accuracy {pct(new[key])} vs {pct(old[key])} by the "
+            f"{'new' if key == 'acc_new' else 'embedded'} judge, {size:.1f} MB)"), better
+
+    def install(row, purity, asset):
+        """The command that puts ``row``'s model file in place of ``asset``, repacked with purity sampling as its
+        default when ``purity``."""
+        if not purity:
+            return f"`cp {row['file']} {asset}`"
+        return f"`python tools/pack_model.py {row['file']} {asset} --set sampler=vq_purity --overwrite`"
+
+    for kind, asset in assets.items():
+        old = rows.get(f"old_{kind}")
+        candidates = [(f"new_{kind}{suffix}", suffix == "_purity") for suffix in ("", "_purity")
+                      if rows.get(f"new_{kind}{suffix}")]
+        if not (old and candidates):
+            continue
+        results = []
+        for label, purity in candidates:
+            new = rows[label]
+            size = Path(new["file"]).stat().st_size / 1e6 if Path(new["file"]).is_file() else float("nan")
+            text, ships = verdict(old, new, size)
+            results.append((label, purity, new, text, ships))
+            lines.append(f"- {kind}{' with purity sampling' if purity else ''}: {text}")
+        shipping = [r for r in results if r[4]]
+        if shipping:  # the lower FID of those that ship
+            label, purity, new, _, _ = min(shipping, key=lambda r: r[2]["fid"])
+            lines.append(f"  ships: {label}: {install(new, purity, asset)}  (then the model card and BENCHMARKS.md)")
+        elif any(r[3].startswith("undecided: no FID") for r in results):
+            for label, purity, new, _, _ in results:
+                lines.append(f"  if {label} wins: {install(new, purity, asset)}  (then the model card and BENCHMARKS.md)")
+        old_purity = rows.get(f"old_{kind}_purity")
+        if old_purity and not shipping:
+            text, ships = verdict(old, old_purity, 0.0)
+            lines.append(f"- {kind}, the embedded model with purity sampling against its own sampler: "
+                         + text.replace("SHIPS", "better").replace("does not ship", "not better").replace(", 0.0 MB", ""))
+            if ships:
+                lines.append(f"  repack it so: `python tools/pack_model.py {asset} {asset} --set sampler=vq_purity "
+                             "--overwrite`  (then the model card and BENCHMARKS.md)")
     if judge.is_file() and better:
         lines.append(f"- judge: more accurate than the embedded one: `cp {judge} latentdiff/assets/{EMBEDDED_JUDGE.name}`"
                      " (then re-score the tables of BENCHMARKS.md with `python tools/judge.py`)")

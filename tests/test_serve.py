@@ -64,7 +64,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_ldm_file):
-    settings = ServeSettings(ckpts=["default", str(tiny_ldm_file), "default-vq"], device="cpu", max_batch=4, batch_window_ms=20,
+    settings = ServeSettings(ckpts=["default", str(tiny_ldm_file), "default-vq"], device="cpu", max_batch=4,
+                             batch_window_ms=20,
                              limits=Limits(max_steps=150, max_queue=8, max_body_bytes=2**20, max_pixels=512 * 512))
     srv = Server(Service.start(settings))
     yield srv

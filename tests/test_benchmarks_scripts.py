@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ["benchmarks/gpu_bench.sh", "tools/train_default_models.sh", "tools/evaluate_default_models.sh",
@@ -54,6 +55,7 @@ def test_bad_values_exit_2_before_any_work(tmp_path):
         ["benchmarks/gpu_bench.sh", "--only", "unet,nope", "out"],
         ["tools/train_default_models.sh", "--streams", "continuous,nope", "out"],
         ["tools/train_default_models.sh", "--ae-minutes", "soon", "out"],
+        ["tools/train_default_models.sh", "--decoder-minutes", "-1", "out"],
         ["tools/train_default_models.sh", "--shards", str(tmp_path / "none"), "out"],  # no shards and no --source
         ["tools/evaluate_default_models.sh", "--ckpt", str(tmp_path / "missing.safetensors"), "out"],
         ["tools/evaluate_default_models.sh", "--num-samples", "many", "out"],
@@ -105,3 +107,37 @@ def test_benchmark_programs_answer_help(program):
     out = run([sys.executable, str(ROOT / program), "--help"])
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("usage: ")
+
+
+def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
+    """--smoke, discrete stream: the VQ autoencoder, then the transformer and (beside it) the decoder alone; the
+    packed model holds the transformer run's model with the decoder run's decoder and the autoencoder run's
+    encoder side and codebook (which the decoder run left as they were)."""
+    from latentdiff.io.checkpoint import load_model_file
+    from latentdiff.models.autoencoder_blocks import DECODER_SIDE
+    from tests.test_quality_run import archive
+
+    source, shards, outdir = archive(tmp_path / "train.tar.gz", "train", 2), tmp_path / "shards", tmp_path / "out"
+    out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--smoke", "--streams", "discrete",
+               "--source", str(source), "--shards", str(shards), str(outdir)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "decoder of vqvae taken from" in (outdir / "discrete.log").read_text()
+    packed = load_model_file(outdir / "cifar10_vq_diffusion/model-fp16.safetensors")[1]["vqvae"]
+    decoder = load_model_file(outdir / "cifar10_vq_decoder/model.safetensors")[1]["vqvae"]
+    autoencoder = load_model_file(outdir / "cifar10_vqvae/model.safetensors")[1]["vqvae"]
+    changed = 0
+    for key, value in packed.items():
+        side = key.split(".", 1)[0] in DECODER_SIDE
+        source = decoder if side else autoencoder
+        assert torch.equal(value, source[key].to(value.dtype)), key
+        assert side or torch.equal(value, decoder[key].to(value.dtype)), key  # the encoder side stayed frozen
+        changed += side and not torch.equal(value, autoencoder[key].to(value.dtype))
+    assert changed > 0  # the decoder did train
+    # --decoder-minutes 0: no decoder run, the autoencoder's own decoder
+    out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--smoke", "--streams", "discrete",
+               "--decoder-minutes", "0", "--shards", str(shards), str(tmp_path / "plain")], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert not (tmp_path / "plain" / "cifar10_vq_decoder").exists()
+    packed = load_model_file(tmp_path / "plain/cifar10_vq_diffusion/model-fp16.safetensors")[1]["vqvae"]
+    autoencoder = load_model_file(tmp_path / "plain/cifar10_vqvae/model.safetensors")[1]["vqvae"]
+    assert all(torch.equal(v, autoencoder[k].to(v.dtype)) for k, v in packed.items())

@@ -54,6 +54,8 @@ options:
   --streams LIST          the models made and compared: continuous, discrete (default: continuous,discrete)
   --ae-minutes M          each autoencoder's training budget (default: 1.5)
   --diffusion-minutes M   each diffusion model's training budget (default: 4)
+  --decoder-minutes M     each decoder fine-tune's budget, beside the diffusion model (tools/train_default_models.sh;
+                          default: the --diffusion-minutes; 0: none)
   --ae-config FILE        passed to tools/train_default_models.sh (default: its own)
   --ldm-config FILE       likewise, e.g. an ablation's config
   --vqvae-config FILE     likewise
@@ -100,6 +102,7 @@ INCEPTION=
 STREAMS=continuous,discrete
 AE_MINUTES=1.5
 DIFFUSION_MINUTES=4
+DECODER_MINUTES=
 TRAIN_ARGS=()  # config choices and --set overrides for tools/train_default_models.sh
 KEEP_CHECKPOINTS=0
 SLIM=0
@@ -125,6 +128,8 @@ while [ $# -gt 0 ]; do
         --streams) need "$1" $#; STREAMS=$2; shift 2 ;;
         --ae-minutes) need "$1" $#; minutes "$1" "$2"; AE_MINUTES=$2; shift 2 ;;
         --diffusion-minutes) need "$1" $#; minutes "$1" "$2"; DIFFUSION_MINUTES=$2; shift 2 ;;
+        --decoder-minutes) need "$1" $#; [[ $2 =~ ^[0-9]+([.][0-9]+)?$ ]] || die "$1 must be a number (0: no \
+fine-tune), got '$2'"; DECODER_MINUTES=$2; shift 2 ;;
         --ae-config|--ldm-config|--vqvae-config|--vqd-config)
             need "$1" $#; [ -f "$2" ] || die "$1: no config file $2"; TRAIN_ARGS+=("$1" "$(abspath "$2")"); shift 2 ;;
         --set) need "$1" $#; [[ $2 == ?*=* ]] || die "--set takes KEY=VALUE, got '$2'"; TRAIN_ARGS+=(--set "$2")
@@ -219,8 +224,10 @@ flags=
 [ "$NO_FID" = 0 ] || flags+=" --no-fid"
 [ "$SLIM" = 0 ] || flags+=" --slim"
 [ "$SMOKE" = 0 ] || flags+=" --smoke"
+DECODER_MINUTES=${DECODER_MINUTES:-$DIFFUSION_MINUTES}
 # shellcheck disable=SC2034  # read by prepare_run
 ENV_LINES="command: $SCRIPT --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES --diffusion-minutes $DIFFUSION_MINUTES \
+--decoder-minutes $DECODER_MINUTES \
 --num-samples $NUM --steps $STEPS --precision $PRECISION --device $DEVICE${SKIP:+ --skip ${SKIP// /,}}$flags\
 ${TRAIN_ARGS[*]:+ ${TRAIN_ARGS[*]}}"
 prepare_run "$DEVICE"
@@ -294,7 +301,7 @@ rfid() {  # rfid OUT_NAME MODEL...
 
 train() {
     PYTHON=$PYTHON bash tools/train_default_models.sh --streams "${STREAMS// /,}" --shards "$SHARDS" \
-        --ae-minutes "$AE_MINUTES" --diffusion-minutes "$DIFFUSION_MINUTES" \
+        --ae-minutes "$AE_MINUTES" --diffusion-minutes "$DIFFUSION_MINUTES" --decoder-minutes "$DECODER_MINUTES" \
         ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} ${TRAIN_DEVICE[@]+"${TRAIN_DEVICE[@]}"} \
         ${TRAIN_SMOKE[@]+"${TRAIN_SMOKE[@]}"} "$OUTDIR/runs" || return 1
     if [ "$KEEP_CHECKPOINTS" = 0 ]; then  # the exported model.safetensors is what the later stages read

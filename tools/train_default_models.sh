@@ -11,10 +11,13 @@ Train the CIFAR-10 default models with tools/train.py, the streams side by side,
 budget (tools/train.py --max-minutes; a config's `steps` is only a cap), and pack each final model as the embedded
 ones are packed (tools/pack_model.py --half --vocabulary SHARDS). Streams:
 
-  continuous  KL autoencoder (--ae-config), then latent diffusion on its latents (--ldm-config)
-              -> OUTDIR/cifar10_autoencoder/, OUTDIR/cifar10_ldm/ (model.safetensors, model-fp16.safetensors)
-  discrete    VQ autoencoder (--vqvae-config), then VQ-Diffusion on its codes (--vqd-config)
-              -> OUTDIR/cifar10_vqvae/, OUTDIR/cifar10_vq_diffusion/ (model.safetensors, model-fp16.safetensors)
+  continuous  KL autoencoder (--ae-config), then latent diffusion on its latents (--ldm-config) and, at the same
+              time, that autoencoder's decoder alone with the patch GAN (--decoder-minutes)
+              -> OUTDIR/cifar10_autoencoder/, OUTDIR/cifar10_decoder/, OUTDIR/cifar10_ldm/ (model.safetensors,
+              model-fp16.safetensors: the diffusion model with the fine-tuned decoder)
+  discrete    VQ autoencoder (--vqvae-config), then VQ-Diffusion on its codes (--vqd-config) and, at the same
+              time, the VQ decoder alone (--decoder-minutes)
+              -> OUTDIR/cifar10_vqvae/, OUTDIR/cifar10_vq_decoder/, OUTDIR/cifar10_vq_diffusion/ (likewise)
   finetune    fine-tune a model file (--init) as v1.3 of the default model was made: its U-Net and text encoder
               (configs/cifar10_ldm_finetune_gpu.yaml) and, at the same time, its autoencoder's decoder with the
               patch GAN (configs/cifar10_decoder_finetune_gpu.yaml), both for --diffusion-minutes
@@ -33,6 +36,12 @@ options:
                           needed only when --shards does not exist yet
   --ae-minutes M          budget of each autoencoder stage (default: 1.8)
   --diffusion-minutes M   budget of each diffusion stage and of the fine-tunes (default: 4)
+  --decoder-minutes M     budget of the continuous and discrete streams' decoder fine-tunes, which run beside the
+                          diffusion stage: the autoencoder's config with objective.train_decoder_only=true (encoder
+                          and codebook frozen: the diffusion model's latents and codes stay valid), init_from the
+                          new autoencoder, the patch GAN from step 0, lr 1e-4; the packed model takes that decoder
+                          (tools/pack_model.py --decoder), as v1.3 of the default model did (default: the
+                          --diffusion-minutes; 0: no fine-tune, the autoencoder's own decoder)
   --ae-config FILE        default: configs/cifar10_autoencoder_f2_gpu.yaml (16x16x8 latents; the 8x8x8 recipe
                           before it: configs/cifar10_autoencoder_gpu.yaml)
   --ldm-config FILE       default: configs/cifar10_ldm_f2_gpu.yaml (with it: configs/cifar10_ldm_gpu.yaml)
@@ -63,6 +72,7 @@ SHARDS=$ROOT/data/cifar10-train-shards
 SOURCE=
 AE_MINUTES=1.8
 DIFFUSION_MINUTES=4
+DECODER_MINUTES=
 AE_CONFIG=$ROOT/configs/cifar10_autoencoder_f2_gpu.yaml
 LDM_CONFIG=$ROOT/configs/cifar10_ldm_f2_gpu.yaml
 VQVAE_CONFIG=$ROOT/configs/cifar10_vqvae.yaml
@@ -79,6 +89,7 @@ while [ $# -gt 0 ]; do
         --source) need "$1" $#; SOURCE=$(abspath "$2"); shift 2 ;;
         --ae-minutes) need "$1" $#; AE_MINUTES=$2; shift 2 ;;
         --diffusion-minutes) need "$1" $#; DIFFUSION_MINUTES=$2; shift 2 ;;
+        --decoder-minutes) need "$1" $#; DECODER_MINUTES=$2; shift 2 ;;
         --ae-config) need "$1" $#; AE_CONFIG=$(abspath "$2"); shift 2 ;;
         --ldm-config) need "$1" $#; LDM_CONFIG=$(abspath "$2"); shift 2 ;;
         --vqvae-config) need "$1" $#; VQVAE_CONFIG=$(abspath "$2"); shift 2 ;;
@@ -100,7 +111,8 @@ for stream in $STREAMS; do
         *) die "--streams: unknown stream '$stream' (continuous, discrete, finetune)" ;;
     esac
 done
-for m in "$AE_MINUTES" "$DIFFUSION_MINUTES"; do
+DECODER_MINUTES=${DECODER_MINUTES:-$DIFFUSION_MINUTES}
+for m in "$AE_MINUTES" "$DIFFUSION_MINUTES" "$DECODER_MINUTES"; do
     [[ $m =~ ^[0-9]+([.][0-9]+)?$ ]] || die "minutes must be a positive number, got '$m'"
 done
 for f in "$AE_CONFIG" "$LDM_CONFIG" "$VQVAE_CONFIG" "$VQD_CONFIG"; do [ -f "$f" ] || die "no config file $f"; done
@@ -123,7 +135,7 @@ if [ "$SMOKE" = 1 ]; then
 fi
 
 ENV_LINES="command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES \
---diffusion-minutes $DIFFUSION_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke' || true)"
+--diffusion-minutes $DIFFUSION_MINUTES --decoder-minutes $DECODER_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke' || true)"
 prepare_run cpu
 
 if [ ! -f "$SHARDS/manifest.json" ]; then
@@ -144,18 +156,36 @@ pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float
     "$PYTHON" tools/pack_model.py "$src" "$dst" --half --vocabulary "$SHARDS" --overwrite "$@"
 }
 
+# second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN CHECKPOINT_KEY: the diffusion model on the new
+# autoencoder's latents (or codes) and, beside it (--decoder-minutes > 0), that autoencoder's decoder alone; then
+# the packed model, with the fine-tuned decoder swapped in
+second_stage() {
+    local ae_config=$1 ae=$2/model.safetensors diffusion=$4 decoder_run=${2%/*}/$5 key=$6
+    local decoder_args=() status=0 trainer decoder_pid=
+    train "$3" "$diffusion" "$DIFFUSION_MINUTES" --set "objective.$key=$ae" &
+    trainer=$!
+    if [ "$DECODER_MINUTES" != 0 ]; then
+        train "$ae_config" "$decoder_run" "$DECODER_MINUTES" --set "init_from=$ae" \
+            --set objective.train_decoder_only=true --set objective.disc_start=0 --set optim.lr=1.0e-4 &
+        decoder_pid=$!
+        decoder_args=(--decoder "$decoder_run/model.safetensors")
+    fi
+    wait "$trainer" || status=1
+    [ -z "$decoder_pid" ] || wait "$decoder_pid" || status=1
+    [ "$status" -eq 0 ] || return 1
+    pack "$diffusion/model.safetensors" "$diffusion/model-fp16.safetensors" ${decoder_args[@]+"${decoder_args[@]}"}
+}
+
 continuous() {
     train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
-    train "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" "$DIFFUSION_MINUTES" \
-        --set "objective.autoencoder_checkpoint=$OUTDIR/cifar10_autoencoder/model.safetensors"
-    pack "$OUTDIR/cifar10_ldm/model.safetensors" "$OUTDIR/cifar10_ldm/model-fp16.safetensors"
+    second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
+        autoencoder_checkpoint
 }
 
 discrete() {
     train "$VQVAE_CONFIG" "$OUTDIR/cifar10_vqvae" "$AE_MINUTES"
-    train "$VQD_CONFIG" "$OUTDIR/cifar10_vq_diffusion" "$DIFFUSION_MINUTES" \
-        --set "objective.vqvae_checkpoint=$OUTDIR/cifar10_vqvae/model.safetensors"
-    pack "$OUTDIR/cifar10_vq_diffusion/model.safetensors" "$OUTDIR/cifar10_vq_diffusion/model-fp16.safetensors"
+    second_stage "$VQVAE_CONFIG" "$OUTDIR/cifar10_vqvae" "$VQD_CONFIG" "$OUTDIR/cifar10_vq_diffusion" \
+        cifar10_vq_decoder vqvae_checkpoint
 }
 
 finetune() {  # the U-Net + text encoder and the decoder side by side, then one packed file of both

@@ -156,15 +156,16 @@ pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float
     "$PYTHON" tools/pack_model.py "$src" "$dst" --half --vocabulary "$SHARDS" --overwrite "$@"
 }
 
-# second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN CHECKPOINT_KEY: the diffusion model on the new
-# autoencoder's latents (or codes) and, beside it (--decoder-minutes > 0), that autoencoder's decoder alone; then
-# the packed model, with the fine-tuned decoder swapped in
+# second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN DECODER_RUN_NAME CHECKPOINT_KEY: the diffusion model
+# on the new autoencoder's latents (or codes; objective.CHECKPOINT_KEY names that autoencoder) and, beside it
+# (--decoder-minutes > 0), that autoencoder's decoder alone in OUTDIR/DECODER_RUN_NAME; then the packed model, with
+# the fine-tuned decoder swapped in
 second_stage() {
     local ae_config=$1 ae=$2/model.safetensors diffusion=$4 decoder_run=${2%/*}/$5 key=$6
     local decoder_args=() status=0 trainer decoder_pid=
     train "$3" "$diffusion" "$DIFFUSION_MINUTES" --set "objective.$key=$ae" &
     trainer=$!
-    if [ "$DECODER_MINUTES" != 0 ]; then
+    if [[ $DECODER_MINUTES =~ [1-9] ]]; then  # not 0 (nor 0.0)
         train "$ae_config" "$decoder_run" "$DECODER_MINUTES" --set "init_from=$ae" \
             --set objective.train_decoder_only=true --set objective.disc_start=0 --set optim.lr=1.0e-4 &
         decoder_pid=$!

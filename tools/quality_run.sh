@@ -473,8 +473,8 @@ if rows:
     assets = {"default": "latentdiff/assets/default.safetensors",
               "default-vq": "latentdiff/assets/default_vq.safetensors"}
 
-    def verdict(old, new, size):
-        """(text, ships) of a new model's row against the old model's row."""
+    def verdict(old, new, size=None, words=("SHIPS", "does not ship")):
+        """(text, better) of a new model's row against the old model's row; ``size`` (MB) None: no size limit."""
         key = "acc_new" if new["acc_new"] is not None and old["acc_new"] is not None else "acc_old"
         if new["images"] != old["images"]:
             return f"undecided: {new['images']} new images against {old['images']} old ones (run eval again)", False
@@ -482,10 +482,11 @@ if rows:
             return "undecided: no FID yet (compute it with the commands below, then compare)", False
         if new["acc_old"] is None and new["acc_new"] is None:
             return "undecided: no class accuracy", False
-        better = new["fid"] < old["fid"] and (new[key] or 0) > (old[key] or 0) and size <= 40
-        return ("SHIPS" if better else "does not ship") + (
+        better = new["fid"] < old["fid"] and (new[key] or 0) > (old[key] or 0) and (size is None or size <= 40)
+        return (words[0] if better else words[1]) + (
             f" (FID {new['fid']:.2f} vs {old['fid']:.2f}, accuracy {pct(new[key])} vs {pct(old[key])} by the "
-            f"{'new' if key == 'acc_new' else 'embedded'} judge, {size:.1f} MB)"), better
+            f"{'new' if key == 'acc_new' else 'embedded'} judge" + ("" if size is None else f", {size:.1f} MB")
+            + ")"), better
 
     def install(row, purity, asset):
         """The command that puts ``row``'s model file in place of ``asset``, repacked with purity sampling as its
@@ -516,9 +517,8 @@ if rows:
                 lines.append(f"  if {label} wins: {install(new, purity, asset)}  (then the model card and BENCHMARKS.md)")
         old_purity = rows.get(f"old_{kind}_purity")
         if old_purity and not shipping:
-            text, ships = verdict(old, old_purity, 0.0)
-            lines.append(f"- {kind}, the embedded model with purity sampling against its own sampler: "
-                         + text.replace("SHIPS", "better").replace("does not ship", "not better").replace(", 0.0 MB", ""))
+            text, ships = verdict(old, old_purity, words=("better", "not better"))
+            lines.append(f"- {kind}, the embedded model with purity sampling against its own sampler: {text}")
             if ships:
                 lines.append(f"  repack it so: `python tools/pack_model.py {asset} {asset} --set sampler=vq_purity "
                              "--overwrite`  (then the model card and BENCHMARKS.md)")

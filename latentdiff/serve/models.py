@@ -15,9 +15,14 @@ from latentdiff.io.images import SAMPLER_LABELS
 from latentdiff.pipelines.vq import VQ_SAMPLERS
 
 VQ_SAMPLER_LABELS = {sid: label for sid, (_, label) in VQ_SAMPLERS.items()}  # "vq_purity": "VQ-Diffusion purity"
-SAMPLER_NAMES = {**{label.lower(): sid for sid, label in SAMPLER_LABELS.items()}, **{s: s for s in SAMPLER_LABELS}}
-VQ_SAMPLER_NAMES = {**{label.lower(): sid for sid, label in VQ_SAMPLER_LABELS.items()},
-                    **{s: s for s in VQ_SAMPLER_LABELS}}
+
+
+def _names(labels: dict[str, str]) -> dict[str, str]:
+    """Lower-case AUTOMATIC1111 name or id -> id."""
+    return {**{label.lower(): sid for sid, label in labels.items()}, **{sid: sid for sid in labels}}
+
+
+SAMPLER_NAMES, VQ_SAMPLER_NAMES = _names(SAMPLER_LABELS), _names(VQ_SAMPLER_LABELS)
 
 
 def sampler_for(name: str, vq: bool = False) -> str | None:

@@ -60,6 +60,7 @@ def test_bad_values_exit_2_before_any_work(tmp_path):
         ["tools/evaluate_default_models.sh", "--ckpt", str(tmp_path / "missing.safetensors"), "out"],
         ["tools/evaluate_default_models.sh", "--num-samples", "many", "out"],
         ["tools/evaluate_default_models.sh", "--precision", "fp8", "out"],
+        ["tools/evaluate_default_models.sh", "--classifier", str(tmp_path / "judge.safetensors"), "out"],
     ]
     for args in cases:
         out = run(["bash", str(ROOT / args[0]), *args[1:]], cwd=tmp_path)
@@ -141,3 +142,20 @@ def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
     packed = load_model_file(tmp_path / "plain/cifar10_vq_diffusion/model-fp16.safetensors")[1]["vqvae"]
     autoencoder = load_model_file(tmp_path / "plain/cifar10_vqvae/model.safetensors")[1]["vqvae"]
     assert all(torch.equal(v, autoencoder[k].to(v.dtype)) for k, v in packed.items())
+
+
+def test_evaluate_default_models_smoke_scores_with_the_classifier_given(tmp_path):
+    """--classifier reaches both the evaluation and the sweep: their results name that file and hold its accuracy."""
+    import json
+
+    judge = tmp_path / "old judge.safetensors"  # a copy: the path, not the embedded default, must be recorded
+    shutil.copyfile(ROOT / "latentdiff/assets/cifar10_classifier.safetensors", judge)
+    out = run(["bash", str(ROOT / "tools/evaluate_default_models.sh"), "--smoke", "--device", "cpu",
+               "--ckpt", "default-vq", "--classifier", judge.name, "out"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    evaluation = json.loads((tmp_path / "out/eval_default-vq/results.json").read_text())
+    assert evaluation["class_accuracy"]["classifier"] == str(judge)
+    assert 0 <= evaluation["class_accuracy"]["accuracy"] <= 1
+    sweep = json.loads((tmp_path / "out/sweep_default/sweep.json").read_text())
+    assert sweep["notes"]["classifier_path"] == str(judge)
+    assert all(r["class_accuracy"]["classifier"] == str(judge) for r in sweep["results"])

@@ -38,6 +38,8 @@ options:
   --reference REF        FID reference: the CIFAR-10 test statistics (.npz from tools/fid.py --save-stats), an
                          image folder or shards (default: none: no FID)
   --inception-weights F  Inception weights file for FID (default: tools/fid.py's own search)
+  --classifier F         the CIFAR-10 classifier that scores class accuracy (tools/train_classifier.py's output;
+                         default: the embedded judge), e.g. an older judge to compare with old tables
   --clip                 also compute the CLIP score (needs local open_clip weights; default: off)
   --device DEV           default: cuda (must be available unless DEV is cpu)
   --precision P          fp32, bf16 or fp16 (default: fp32)
@@ -70,6 +72,7 @@ STEPS=25
 BATCH=1000
 REFERENCE=none
 INCEPTION=
+CLASSIFIER=
 CLIP=0
 DEVICE=cuda
 PRECISION=fp32
@@ -88,6 +91,7 @@ while [ $# -gt 0 ]; do
         --batch-size) need "$1" $#; positive "$1" "$2"; BATCH=$2; shift 2 ;;
         --reference) need "$1" $#; REFERENCE=$2; shift 2 ;;
         --inception-weights) need "$1" $#; INCEPTION=$(model_path "$2"); shift 2 ;;
+        --classifier) need "$1" $#; CLASSIFIER=$(abspath "$2"); shift 2 ;;
         --clip) CLIP=1; shift ;;
         --device) need "$1" $#; DEVICE=$2; shift 2 ;;
         --precision) need "$1" $#; PRECISION=$2; shift 2 ;;
@@ -103,6 +107,7 @@ for s in $SWEEP_STEPS; do positive --sweep-steps "$s"; done
 [ "$REFERENCE" = none ] || REFERENCE=$(model_path "$REFERENCE")
 [ "$REFERENCE" = none ] || [ -e "$REFERENCE" ] || die "--reference: $REFERENCE does not exist"
 [ -z "$INCEPTION" ] || [ -f "$INCEPTION" ] || die "--inception-weights: no file $INCEPTION"
+[ -z "$CLASSIFIER" ] || [ -f "$CLASSIFIER" ] || die "--classifier: no file $CLASSIFIER"
 [ "$CKPT_SET" = 1 ] || CKPTS=(default default-vq)
 [ "$SWEEP_SET" = 1 ] || SWEEPS=(default)
 if [ -n "$RUNS" ]; then
@@ -142,6 +147,7 @@ label() {  # a folder name for a model argument
 COMMON=(--captions cifar10 --batch-size "$BATCH" --reference "$REFERENCE" --device "$DEVICE" --precision "$PRECISION"
         --quiet)
 [ -z "$INCEPTION" ] || COMMON+=(--inception-weights "$INCEPTION")
+[ -z "$CLASSIFIER" ] || COMMON+=(--classifier "$CLASSIFIER")
 SMOKE_SAMPLERS=()
 [ "$SMOKE" = 0 ] || SMOKE_SAMPLERS=(--samplers ddim euler_a)
 CLIP_ARGS=(--no-clip)

@@ -84,3 +84,4 @@ THREADS = Int(1, 1024)
 FINITE = Float()
 NON_NEGATIVE_FLOAT = Float(0.0)
 POSITIVE_FLOAT = Float(0.0, low_open=True)
+UNIT = Float(0.0, 1.0, low_open=True)  # (0, 1]: --strength, --truncation

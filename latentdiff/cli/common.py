@@ -16,6 +16,7 @@ from latentdiff.argtypes import (  # noqa: F401 - the numeric flag types, re-exp
     POSITIVE_FLOAT,
     SEED,
     THREADS,
+    UNIT,
     WORKERS,
     Float,
     Int,

@@ -34,6 +34,7 @@ from latentdiff.cli.common import (
     NON_NEGATIVE_FLOAT,
     POSITIVE,
     SEED,
+    UNIT,
     WORKERS,
     ArgumentParser,
     fail,
@@ -82,6 +83,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=POSITIVE, default=25, help="sampling steps")
     p.add_argument("--eta", type=NON_NEGATIVE_FLOAT, default=0.0, help="DDIM eta")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    p.add_argument("--truncation", type=UNIT, default=None,
+                   help="VQ-Diffusion only: keep the codes covering this much probability at each position, in "
+                        "(0, 1]; default: the model's truncation_rate")
     add_common_arguments(p)
     p.add_argument("--start", type=NON_NEGATIVE, default=0,
                    help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
@@ -168,10 +172,12 @@ def _evaluate(args) -> int:
     vq = pipe.config.type == "vq_diffusion"
     if args.sampler in VQ_SAMPLER_NAMES and not vq:
         fail(f"--sampler {args.sampler} applies to VQ-Diffusion models only")
+    if args.truncation is not None and not vq:
+        fail("--truncation applies to VQ-Diffusion models only")
     sampler = pipe.default_sampler if vq and args.sampler not in VQ_SAMPLER_NAMES else args.sampler
     settings = BenchmarkSettings(sampler=sampler, steps=args.steps, scale=args.scale, seed=args.seed,
                                  eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                                 start=args.start)
+                                 start=args.start, truncation=args.truncation)
     try:
         result = run_benchmark(pipe, prompts, settings, args.outdir, judges, device=device, checkpoint=args.ckpt,
                                progress=not args.quiet)

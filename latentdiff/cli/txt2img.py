@@ -54,6 +54,7 @@ from latentdiff.cli.common import (
     NON_NEGATIVE_FLOAT,
     POSITIVE,
     SEED,
+    UNIT,
     ArgumentParser,
     Float,
     Int,
@@ -67,7 +68,6 @@ from latentdiff.config.model import VQ_SAMPLER_NAMES
 
 GRID_MAX = 64  # images in a grid at most; larger runs write none
 SIDE = Int(1, 16384)  # --H, --W in pixels
-UNIT = Float(0.0, 1.0, low_open=True)  # (0, 1]: --strength, --truncation
 FRACTION = Float(0.0, 1.0)  # [0, 1]: --guidance-rescale
 
 

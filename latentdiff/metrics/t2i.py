@@ -100,6 +100,7 @@ class BenchmarkSettings:
     start: int = 0  # index of the first sample: one benchmark split over runs, each writing its own indices
     batch_size: int = 50
     negative_prompt: str = ""
+    truncation: float | None = None  # VQ-Diffusion only; None: the model's truncation_rate
 
 
 @dataclass
@@ -176,6 +177,7 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
     """
     N = len(prompts.captions)
     paths, predictions = [], []
+    vq_kwargs = {} if settings.truncation is None else {"truncation": settings.truncation}
     start = time.time()
     with tqdm(total=N, unit="img", desc=f"{settings.sampler} {settings.steps} steps", disable=not progress) as bar:
         for first in range(0, N, settings.batch_size):
@@ -183,7 +185,7 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
             images, params = pipe.generate(batch, negative_prompt=settings.negative_prompt or None,
                                            steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
                                            seed=settings.seed + settings.start + first,
-                                           eta=settings.eta)  # (b, 3, H, W)
+                                           eta=settings.eta, **vq_kwargs)  # (b, 3, H, W)
             bad = [p.seed for p, ok in zip(params, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
             if bad:  # a NaN image would be scored as a black one: stop instead
                 raise ValueError(f"images with seeds {bad} have NaN or inf pixels even decoded in float32; the "
@@ -251,7 +253,11 @@ def run_benchmark(pipe, prompts: Prompts, settings: BenchmarkSettings, outdir: s
         raise FileExistsError(f"{folder} already holds images; choose a new output folder")
     gen = generate_images(pipe, prompts, settings, folder, judges.classifier, progress)
     scale = pipe.default_scale if settings.scale is None else settings.scale
+    truncation = settings.truncation
+    if truncation is None and pipe.config.type == "vq_diffusion":
+        truncation = pipe.config.truncation_rate
     result = {"checkpoint": checkpoint, "model": pipe.name, **asdict(settings), "scale": scale,
+              "truncation": truncation,
               "num_samples": len(prompts.captions), "captions": prompts.source,
               "image_size": list(_image_size(gen["paths"][0])), "images": str(folder),
               "generation_seconds": gen["seconds"]}

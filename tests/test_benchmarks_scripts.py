@@ -144,6 +144,22 @@ def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
     assert all(torch.equal(v, autoencoder[k].to(v.dtype)) for k, v in packed.items())
 
 
+def test_train_default_models_packs_the_continuous_model_with_euler_ancestral(tmp_path):
+    """--smoke, continuous stream: the packed model samples as the embedded one does (Euler ancestral, 10 steps,
+    scale 5), not with DDIM, which fails an epsilon model trained for minutes (BENCHMARKS.md, "Diffusion
+    objective"); the unpacked run keeps its config's own sampler."""
+    from latentdiff.io.checkpoint import load_model_file
+    from tests.test_quality_run import archive
+
+    source, shards, outdir = archive(tmp_path / "train.tar.gz", "train", 2), tmp_path / "shards", tmp_path / "out"
+    out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--smoke", "--streams", "continuous",
+               "--decoder-minutes", "0", "--source", str(source), "--shards", str(shards), str(outdir)], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    packed = load_model_file(outdir / "cifar10_ldm/model-fp16.safetensors")[0]
+    assert (packed.sampler, packed.steps, packed.guidance_scale) == ("euler_a", 10, 5.0)
+    assert load_model_file(outdir / "cifar10_ldm/model.safetensors")[0].sampler == "ddim"
+
+
 def test_evaluate_default_models_smoke_scores_with_the_classifier_given(tmp_path):
     """--classifier reaches both the evaluation and the sweep: their results name that file and hold its accuracy."""
     import json

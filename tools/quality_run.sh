@@ -24,8 +24,10 @@ is reported and the stages that do not need its output still run. Stages (--skip
             -> OUTDIR/rfid/new.json and .md
   eval      tools/eval_t2i.py on the class captions for the old (default, default-vq) and new models of --streams,
             --num-samples images each, judged by the new classifier when OUTDIR/judge has one (then also re-scored by
-            the embedded one) -> OUTDIR/eval_<model>/; VQ-Diffusion models with both samplers, the reverse chain
-            (vq) and purity sampling (vq_purity, eval_<model>_purity/)
+            the embedded one) -> OUTDIR/eval_<model>/; latent-diffusion models with Euler ancestral (the embedded
+            model's sampler; DDIM fails an epsilon model trained for minutes: BENCHMARKS.md, "Diffusion
+            objective"), VQ-Diffusion models with both samplers, the reverse chain (vq) and purity sampling
+            (vq_purity, eval_<model>_purity/)
 
 Before the stages, missing shards are made with tools/make_shards.py (--shards from --train-source, --test-shards
 from --test-source; outside OUTDIR, so that OUTDIR stays small enough to copy back). OUTDIR/summary.md holds
@@ -331,8 +333,8 @@ eval_models() {  # "label model [sampler]" per evaluation: per stream, the embed
     local new_vq=$OUTDIR/runs/cifar10_vq_diffusion/model-fp16.safetensors
     for s in $STREAMS; do
         case $s in
-            continuous) echo "old_default default"
-                        echo "new_default $OUTDIR/runs/cifar10_ldm/model-fp16.safetensors" ;;
+            continuous) echo "old_default default euler_a"
+                        echo "new_default $OUTDIR/runs/cifar10_ldm/model-fp16.safetensors euler_a" ;;
             discrete) echo "old_default-vq default-vq vq"
                       echo "old_default-vq_purity default-vq vq_purity"
                       echo "new_default-vq $new_vq vq"

@@ -14,7 +14,8 @@ ones are packed (tools/pack_model.py --half --vocabulary SHARDS). Streams:
   continuous  KL autoencoder (--ae-config), then latent diffusion on its latents (--ldm-config) and, at the same
               time, that autoencoder's decoder alone with the patch GAN (--decoder-minutes)
               -> OUTDIR/cifar10_autoencoder/, OUTDIR/cifar10_decoder/, OUTDIR/cifar10_ldm/ (model.safetensors,
-              model-fp16.safetensors: the diffusion model with the fine-tuned decoder)
+              model-fp16.safetensors: the diffusion model with the fine-tuned decoder, sampling by default as the
+              embedded model does: Euler ancestral, 10 steps, guidance scale 5)
   discrete    VQ autoencoder (--vqvae-config), then VQ-Diffusion on its codes (--vqd-config) and, at the same
               time, the VQ decoder alone (--decoder-minutes)
               -> OUTDIR/cifar10_vqvae/, OUTDIR/cifar10_vq_decoder/, OUTDIR/cifar10_vq_diffusion/ (likewise)
@@ -159,9 +160,10 @@ pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float
 # second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN DECODER_RUN_NAME CHECKPOINT_KEY: the diffusion model
 # on the new autoencoder's latents (or codes; objective.CHECKPOINT_KEY names that autoencoder) and, beside it
 # (--decoder-minutes > 0), that autoencoder's decoder alone in OUTDIR/DECODER_RUN_NAME; then the packed model, with
-# the fine-tuned decoder swapped in
+# the fine-tuned decoder swapped in (and any further tools/pack_model.py arguments)
 second_stage() {
     local ae_config=$1 ae=$2/model.safetensors diffusion=$4 decoder_run=${2%/*}/$5 key=$6
+    local pack_args=("${@:7}")
     local decoder_args=() status=0 trainer decoder_pid=
     train "$3" "$diffusion" "$DIFFUSION_MINUTES" --set "objective.$key=$ae" &
     trainer=$!
@@ -174,13 +176,16 @@ second_stage() {
     wait "$trainer" || status=1
     [ -z "$decoder_pid" ] || wait "$decoder_pid" || status=1
     [ "$status" -eq 0 ] || return 1
-    pack "$diffusion/model.safetensors" "$diffusion/model-fp16.safetensors" ${decoder_args[@]+"${decoder_args[@]}"}
+    pack "$diffusion/model.safetensors" "$diffusion/model-fp16.safetensors" ${decoder_args[@]+"${decoder_args[@]}"} \
+        ${pack_args[@]+"${pack_args[@]}"}
 }
 
 continuous() {
     train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
+    # the embedded model's sampling defaults: an epsilon model trained for minutes fails with DDIM, the config's
+    # default sampler, and does best with Euler ancestral (BENCHMARKS.md, "Diffusion objective")
     second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
-        autoencoder_checkpoint
+        autoencoder_checkpoint --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
 }
 
 discrete() {

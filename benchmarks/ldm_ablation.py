@@ -202,10 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     from latentdiff.config import load_train_config
 
-    try:
-        load_train_config(args.config, list(args.set))
-    except (ValueError, TypeError) as e:
-        parser.error(f"{args.config}: {e}")
+    for name in names:  # each candidate's own config (a zero-terminal-SNR --set needs v or x0, say)
+        try:
+            load_train_config(args.config, objective_overrides(*parse_candidate(name)) + list(args.set))
+        except (ValueError, TypeError) as e:
+            parser.error(f"{args.config}, candidate {name}: {e}")
     args.outdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.threads:

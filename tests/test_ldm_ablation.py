@@ -79,7 +79,8 @@ def test_bad_arguments_exit_2(tmp_path):
     for extra in (["--steps", "2", "--candidates", "eps-snr"], ["--steps", "0"], [],
                   ["--steps", "2", "--candidates", "eps,eps"], ["--steps", "2", "--jobs", "0"],
                   ["--steps", "2", "--autoencoder", str(tmp_path / "none.safetensors")],
-                  ["--steps", "2", "--set", "optim.lr=-1"], ["--steps", "2", "--samplers", "nope:2"]):
+                  ["--steps", "2", "--set", "optim.lr=-1"], ["--steps", "2", "--samplers", "nope:2"],
+                  ["--steps", "2", "--candidates", "v,eps", "--set", "model.schedule.rescale_betas_zero_snr=true"]):
         out = subprocess.run(base + extra, cwd=ROOT, capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr, extra
     assert not (tmp_path / "out").exists()

@@ -121,6 +121,19 @@ def last_step(log: Path) -> int | None:
     return next((s for s in reversed(steps) if s is not None), None)
 
 
+def write_summary(outdir: Path, heading: str, table: str, rows: list[dict]) -> None:
+    """OUTDIR/summary.md (``heading``, the table, every row's commands) and summary.json (the rows), each written
+    atomically; prints the table."""
+    from latentdiff.atomic import atomic_write
+
+    commands = "\n".join(c for r in rows for c in r["commands"])
+    text = f"{heading}\n\n{table}\n```\n{commands}\n```\n"
+    for path, content in (("summary.md", text), ("summary.json", json.dumps(rows, indent=2) + "\n")):
+        with atomic_write(outdir / path, "w") as f:
+            f.write(content)
+    print(table + f"wrote {outdir / 'summary.md'}")
+
+
 def markdown(rows: list[dict], args) -> str:
     base = next((r["unet_gflops"] for r in rows if r.get("unet_gflops")), None)
     n = None if args.no_fid else (args.fid_samples or args.num_samples)
@@ -208,17 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             row["steps"] = last_step(folder / "log.jsonl")
         rows.append(row)
         print(markdown(rows, args), flush=True)  # the table so far
-    table = markdown(rows, args)
-    commands = "\n".join(c for r in rows for c in r["commands"])
-    text = (f"# Autoencoder latent-shape ablation\n\nConfig {args.config}, "
-            f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} minutes'} each; U-Net: "
-            f"{args.ldm_config}.\n\n{table}\n```\n{commands}\n```\n")
-    from latentdiff.atomic import atomic_write
-
-    for path, content in (("summary.md", text), ("summary.json", json.dumps(rows, indent=2) + "\n")):
-        with atomic_write(args.outdir / path, "w") as f:
-            f.write(content)
-    print(table + f"wrote {args.outdir / 'summary.md'}")
+    write_summary(args.outdir, f"# Autoencoder latent-shape ablation\n\nConfig {args.config}, "
+                  f"{f'{args.steps} steps' if args.steps else f'{args.minutes:g} minutes'} each; U-Net: "
+                  f"{args.ldm_config}.", markdown(rows, args), rows)
     return code
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ae_ablation import run_step  # noqa: E402
+from ae_ablation import run_step, write_summary  # noqa: E402
 
 CANDIDATE = re.compile(r"(eps|v|x0)(?:-snr(\d+(?:\.\d+)?))?")
 TARGETS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -213,18 +213,11 @@ def main(argv: list[str] | None = None) -> int:
         env["OMP_NUM_THREADS"] = str(args.threads)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         rows = list(pool.map(lambda name: run_candidate(name, args, env), names))
-    table = markdown(rows, args)
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} minutes"
-    commands = "\n".join(c for r in rows for c in r["commands"])
-    text = (f"# Latent diffusion objective ablation\n\nConfig {args.config}, {budget} each, autoencoder "
-            f"{args.autoencoder}; {args.num_samples} class-caption images per sampler ({args.samplers}) at scale "
-            f"{args.scale:g}, FID against {args.reference}.\n\n{table}\n```\n{commands}\n```\n")
-    from latentdiff.atomic import atomic_write
-
-    for path, content in (("summary.md", text), ("summary.json", json.dumps(rows, indent=2) + "\n")):
-        with atomic_write(args.outdir / path, "w") as f:
-            f.write(content)
-    print(table + f"wrote {args.outdir / 'summary.md'}")
+    heading = (f"# Latent diffusion objective ablation\n\nConfig {args.config}, {budget} each, autoencoder "
+               f"{args.autoencoder}; {args.num_samples} class-caption images per sampler ({args.samplers}) at "
+               f"scale {args.scale:g}, FID against {args.reference}.")
+    write_summary(args.outdir, heading, markdown(rows, args), rows)
     return 1 if any(r.get("error") for r in rows) else 0
 
 

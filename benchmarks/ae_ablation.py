@@ -79,6 +79,23 @@ def unet_forward_flops(ldm_config: Path, channels: int, size: int) -> int:
     return counter.get_total_flops()
 
 
+def add_training_budget(p: argparse.ArgumentParser) -> None:
+    """--steps | --minutes (one of them: :func:`check_training_budget`) and --set, shared by the ablation scripts."""
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="training steps of every candidate (sets the config's steps)")
+    budget.add_argument("--minutes", type=float, help="wall-clock training budget of every candidate")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="more tools/train.py overrides for every candidate (repeatable)")
+
+
+def check_training_budget(parser: argparse.ArgumentParser, args) -> None:
+    """Exit 2 unless exactly one positive budget was given."""
+    if args.steps is None and args.minutes is None:
+        parser.error("give the training budget: --steps N or --minutes M")
+    if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
+        parser.error("--steps / --minutes must be positive")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("outdir", type=Path, help="output folder (one subfolder per candidate, summary.md)")
@@ -90,11 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autoencoder training config all candidates share (default: the CPU one)")
     p.add_argument("--ldm-config", type=Path, default=ROOT / "configs" / "cifar10_ldm_gpu.yaml",
                    help="the latent diffusion config whose U-Net's FLOPs are the cost column")
-    budget = p.add_mutually_exclusive_group()  # one of them (checked in main)
-    budget.add_argument("--steps", type=int, help="training steps of every candidate (sets the config's steps)")
-    budget.add_argument("--minutes", type=float, help="wall-clock training budget of every candidate")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="more tools/train.py overrides for every candidate (repeatable)")
+    add_training_budget(p)
     p.add_argument("--num-samples", type=int, default=2000, help="test images reconstructed (PSNR over all)")
     p.add_argument("--fid-samples", type=int, default=None, help="of those, scored by rFID (default: all)")
     p.add_argument("--reference", default=None, help="rFID reference (.npz from tools/fid.py --save-stats)")
@@ -114,11 +127,10 @@ def run_step(cmd: list[str], log: Path, env: dict) -> tuple[int, float]:
     return code, time.time() - start
 
 
-def last_step(log: Path) -> int | None:
-    """The step of the training log's (log.jsonl) last record."""
-    steps = [json.loads(line).get("step") for line in log.read_text().splitlines() if line.strip()] \
-        if log.is_file() else []
-    return next((s for s in reversed(steps) if s is not None), None)
+def last_record(log: Path) -> dict:
+    """The training log's (log.jsonl) last record with a step ({} when there is none)."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+    return next((r for r in reversed(records) if r.get("step") is not None), {})
 
 
 def write_summary(outdir: Path, heading: str, table: str, rows: list[dict]) -> None:
@@ -164,10 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.config, args.ldm_config):
         if not path.is_file():
             build_parser().error(f"no config file {path}")
-    if args.steps is None and args.minutes is None:
-        build_parser().error("give the training budget: --steps N or --minutes M")
-    if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
-        build_parser().error("--steps / --minutes must be positive")
+    check_training_budget(build_parser(), args)
     if args.no_fid and (args.reference or args.fid_samples):
         build_parser().error("--no-fid computes no rFID: drop --reference and --fid-samples")
     try:
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if rfid.is_file() and model.is_file():
             scored = json.loads(rfid.read_text())["models"][0]
             row.update(psnr=scored["psnr"], rfid=scored.get("rfid"), parameters=f"{scored['parameters'] / 1e6:.2f} M")
-            row["steps"] = last_step(folder / "log.jsonl")
+            row["steps"] = last_record(folder / "log.jsonl").get("step")
         rows.append(row)
         print(markdown(rows, args), flush=True)  # the table so far
     write_summary(args.outdir, f"# Autoencoder latent-shape ablation\n\nConfig {args.config}, "

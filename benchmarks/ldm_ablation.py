@@ -39,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ae_ablation import run_step, write_summary  # noqa: E402
+from ae_ablation import (  # noqa: E402
+    add_training_budget, check_training_budget, last_record, run_step, write_summary)
 
 CANDIDATE = re.compile(r"(eps|v|x0)(?:-snr(\d+(?:\.\d+)?))?")
 TARGETS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -85,11 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent diffusion training config all candidates share (default: the CPU one)")
     p.add_argument("--autoencoder", type=Path, default=ROOT / "latentdiff" / "assets" / "default.safetensors",
                    help="model file whose frozen autoencoder all candidates share (default: the embedded model's)")
-    budget = p.add_mutually_exclusive_group()  # one of them (checked in main)
-    budget.add_argument("--steps", type=int, help="training steps of every candidate (sets the config's steps)")
-    budget.add_argument("--minutes", type=float, help="wall-clock training budget of every candidate")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="more tools/train.py overrides for every candidate (repeatable)")
+    add_training_budget(p)
     p.add_argument("--num-samples", type=int, default=1000, help="class-caption images generated per evaluation")
     p.add_argument("--samplers", default="ddim:25,euler_a:10",
                    help="comma-separated NAME:STEPS, one evaluation of every candidate each (default: ddim:25,"
@@ -120,6 +117,7 @@ def run_candidate(name: str, args, env: dict) -> dict:
     train += ["--set", f"steps={args.steps}"] if args.steps else ["--max-minutes", str(args.minutes)]
     row["commands"] = [" ".join(train)]
     timing = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    trained = False
     for sampler, steps in args.sampler_list:
         label, evaldir = f"{sampler}{steps}", folder / f"eval_{sampler}{steps}"
         score = [python, "tools/eval_t2i.py", "--ckpt", str(model), "--sampler", sampler, "--steps", str(steps),
@@ -128,10 +126,10 @@ def run_candidate(name: str, args, env: dict) -> dict:
                  "--precision", "fp32", "--quiet", "--outdir", str(evaldir)]
         row["commands"].append(" ".join(score))
         if not (evaldir / "results.json").is_file():
-            if "trained" not in row:  # once per call; a finished run resumes at its end and stops at once
+            if not trained:  # once per call; a finished run resumes at its end and stops at once
                 print(f"-- {name}: training", flush=True)
                 status, _ = run_step(train, folder / "train.log", env)
-                row["trained"] = status == 0
+                trained = status == 0
                 if status != 0:
                     row["error"] = f"training exited {status} (see {folder}/train.log)"
                     return row
@@ -146,9 +144,7 @@ def run_candidate(name: str, args, env: dict) -> dict:
         row["evals"][label] = {"fid": scored.get("fid", {}).get("value"),
                                "class_accuracy": scored.get("class_accuracy", {}).get("accuracy"),
                                "seconds": timing.get(label)}
-    row.pop("trained", None)
-    records = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines() if line.strip()]
-    last = next((r for r in reversed(records) if "step" in r), {})
+    last = last_record(folder / "log.jsonl")
     row["steps"] = last.get("step")
     row["train_seconds"] = last.get("elapsed_s")  # summed over resumes
     row["final_mse"] = last.get("mse")  # of the candidate's own target: not comparable across targets
@@ -190,10 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.config, args.autoencoder):
         if not path.is_file():
             parser.error(f"no file {path}")
-    if args.steps is None and args.minutes is None:
-        parser.error("give the training budget: --steps N or --minutes M")
-    if (args.steps is not None and args.steps < 1) or (args.minutes is not None and args.minutes <= 0):
-        parser.error("--steps / --minutes must be positive")
+    check_training_budget(parser, args)
     if args.num_samples < 1 or args.jobs < 1 or args.batch_size < 1:
         parser.error("--num-samples, --jobs and --batch-size must be positive")
     try:

@@ -39,8 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from ae_ablation import (  # noqa: E402
-    add_training_budget, check_training_budget, last_record, run_step, write_summary)
+from ae_ablation import add_training_budget, check_training_budget, last_record, run_step, write_summary  # noqa: E402
 
 CANDIDATE = re.compile(r"(eps|v|x0)(?:-snr(\d+(?:\.\d+)?))?")
 TARGETS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}

@@ -178,3 +178,24 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     with torch.no_grad():
         models[1](x_t, t, context)  # no checkpointing without gradients
     assert len(calls) == n_blocks
+
+
+def test_patch_size_runs_the_unet_on_the_patched_grid():
+    """p = 2: the same network as a p = 1 U-Net with 4x the channels on pixel-unshuffled input, shuffled back."""
+    patched = random_weights(UNetModel(UNetConfig(**{**vars(SD1_TINY), "patch_size": 2})), std=0.2).eval()
+    plain = UNetModel(UNetConfig(**{**vars(SD1_TINY), "in_channels": 16, "out_channels": 16})).eval()
+    plain.load_state_dict(patched.state_dict())  # the same parameter names and shapes
+    x_t, t, context = inputs(SD1_TINY, size=16)
+    with torch.no_grad():
+        out = patched(x_t, t, context)
+        assert out.shape == x_t.shape
+        torch.testing.assert_close(out, torch.nn.functional.pixel_shuffle(
+            plain(torch.nn.functional.pixel_unshuffle(x_t, 2), t, context), 2))
+        torch.testing.assert_close(patched.forward_deepcache(x_t, t, context, branch=1)[0], out)
+    assert patched.cfg.downsample_factor == 8
+    with pytest.raises(ValueError, match="multiple of the U-Net downsampling factor 8"):
+        patched(inputs(SD1_TINY, size=12)[0], t, context)
+    with pytest.raises(ValueError, match="no diffusers equivalent"):
+        unet_config_to_diffusers(patched.cfg)
+    with pytest.raises(ValueError, match="patch_size"):
+        UNetConfig(patch_size=0)

@@ -60,6 +60,12 @@ class UNetConfig:
     ``attention_resolutions`` lists downsampling factors (1 = full latent resolution) at which spatial
     transformers are inserted, as in the original configs. Heads are given by count (``num_heads``) or by
     width (``num_head_channels``, SD 2.x uses 64); exactly one of them is set.
+
+    ``patch_size`` p > 1 cuts the latent into p x p patches stacked along the channels before the first
+    convolution and puts the output back after the last (pixel unshuffle / shuffle; the patchify of DiT, Peebles &
+    Xie 2023): the U-Net then runs at 1/p of the latent's resolution, its cost that of a latent p times smaller with
+    p² times the channels, and ``attention_resolutions`` count from the patched grid. Stable Diffusion's U-Nets have
+    p = 1 (diffusers has no equivalent).
     """
 
     in_channels: int = 4
@@ -76,10 +82,11 @@ class UNetConfig:
     norm_num_groups: int = 32
     dropout: float = 0.0
     gradient_checkpointing: bool = False
+    patch_size: int = 1
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "context_dim",
-                     "transformer_depth", "norm_num_groups"):
+                     "transformer_depth", "norm_num_groups", "patch_size"):
             check_positive(f"unet.{name}", getattr(self, name))
         check(len(self.channel_mult) > 0 and all(m > 0 for m in self.channel_mult),
                f"unet.channel_mult={self.channel_mult!r} must be a non-empty list of positive ints")
@@ -97,7 +104,8 @@ class UNetConfig:
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
+        """What the latent's height and width must be multiples of: the patch times the levels' downsampling."""
+        return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
 
 class _EncoderDecoderChecks:

@@ -117,6 +117,9 @@ def unet_config_from_diffusers(config: dict) -> UNetConfig:
 
 def unet_config_to_diffusers(cfg: UNetConfig) -> dict:
     """Keyword arguments for diffusers ``UNet2DConditionModel`` with the same architecture as ``cfg``."""
+    if cfg.patch_size != 1:
+        raise ValueError(f"unet.patch_size={cfg.patch_size}: diffusers' UNet2DConditionModel has no patchified "
+                         f"input, so this U-Net has no diffusers equivalent")
     n = len(cfg.channel_mult)
     channels = [cfg.model_channels * m for m in cfg.channel_mult]
     attends = [2**i in cfg.attention_resolutions for i in range(n)]

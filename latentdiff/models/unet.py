@@ -13,6 +13,9 @@ Layout for ``channel_mult`` of length n and ``num_res_blocks`` = R:
     output_blocks.{b(R+1)+r}  ResBlock [+ SpatialTransformer] [+ Upsample on r = R]   b = n-1-l, r <= R
     out                       GroupNorm, SiLU, conv_out
 
+With ``patch_size`` p > 1, conv_in reads p x p patches (``F.pixel_unshuffle``: in_channels * p² channels at 1/p
+of the latent's resolution) and conv_out writes out_channels * p² channels that ``F.pixel_shuffle`` puts back.
+
 A level has transformers when its downsampling factor 2^l is in ``attention_resolutions``.
 """
 
@@ -149,7 +152,8 @@ class UNetModel(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
 
-        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        p2 = cfg.patch_size ** 2
+        self.input_blocks = nn.ModuleList([UNetBlock(nn.Conv2d(cfg.in_channels * p2, mc, 3, padding=1))])
         skip_channels = [mc]  # widths of the features handed to the output blocks
         ch = mc
         for level, mult in enumerate(cfg.channel_mult):
@@ -180,7 +184,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(UNetBlock(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(cfg.norm_num_groups, ch), nn.SiLU(),
-                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+                                 nn.Conv2d(ch, cfg.out_channels * p2, 3, padding=1))
         nn.init.zeros_(self.out[2].weight)
         nn.init.zeros_(self.out[2].bias)
 
@@ -205,7 +209,17 @@ class UNetModel(nn.Module):
         self._check_inputs(x_t, t, context)
         dtype = self.out[2].weight.dtype
         emb = timestep_embedding(t.expand(x_t.shape[0]), self.cfg.model_channels).to(dtype)  # (B, mc)
-        return x_t.to(dtype), self.time_embed(emb), context.to(dtype)
+        h = x_t.to(dtype)
+        if self.cfg.patch_size > 1:
+            h = F.pixel_unshuffle(h, self.cfg.patch_size)  # (B, in_channels * p², h / p, w / p)
+        return h, self.time_embed(emb), context.to(dtype)
+
+    def _head(self, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The output layers (and the patches put back): (B, C, h / p, w / p) -> (B, out_channels, h, w)."""
+        h = self.out(h)
+        if self.cfg.patch_size > 1:
+            h = F.pixel_shuffle(h, self.cfg.patch_size)
+        return h.to(dtype)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor) -> torch.Tensor:
         h, emb, context = self._inputs(x_t, t, context)
@@ -223,7 +237,7 @@ class UNetModel(nn.Module):
         h = run(self.middle_block, h)
         for block in self.output_blocks:
             h = run(block, torch.cat([h, skips.pop()], dim=1))  # (B, C + C_skip, H', W')
-        return self.out(h).to(x_t.dtype)  # (B, out_channels, h, w)
+        return self._head(h, x_t.dtype)  # (B, out_channels, h, w)
 
     # -- fast paths (#13): step caching (DeepCache) and fused attention projections ---------------------------
     def forward_deepcache(self, x_t: torch.Tensor, t: torch.Tensor | float, context: torch.Tensor, branch: int,
@@ -259,7 +273,7 @@ class UNetModel(nn.Module):
         h = deep.to(h.dtype)
         for block in self.output_blocks[K - 1 - branch:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C + C_skip, H', W')
-        return self.out(h).to(x_t.dtype), deep  # (B, out_channels, h, w)
+        return self._head(h, x_t.dtype), deep  # (B, out_channels, h, w)
 
     def fuse_qkv(self) -> int:
         """Fuse the attention projections (:func:`latentdiff.models.attention.fuse_qkv`); returns how many."""

@@ -210,6 +210,29 @@ def test_max_minutes_stops_after_the_step_that_passes_it_and_exports(tmp_path, t
     assert resumed.step == 1 and resumed.stop_step == 50 and not resumed.stopped_by_time
 
 
+def test_time_decay_spans_the_budget(tmp_path, tiny_shards, monkeypatch):
+    """optim.decay_over=time: cosine over the share of --max-minutes spent after the warmup, whatever the steps;
+    the clock here is the step count (1 s per step), so the multipliers are known exactly."""
+    import types
+
+    import latentdiff.training.trainer as trainer_module
+
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={tiny_shards(16)}", "sample_every=0", "checkpoint_every=100",
+                                        "log_every=1", "steps=1000", "objective.disc_weight=0", "optim.warmup_steps=2",
+                                        "optim.decay=cosine", "optim.min_lr_ratio=0.1", "optim.decay_over=time"])
+    trainer = Trainer(cfg, tmp_path / "run", resume="none", progress=False, max_minutes=10 / 60)  # 10 s
+    monkeypatch.setattr(trainer_module, "time", types.SimpleNamespace(perf_counter=lambda: float(trainer.step)))
+    trainer.run()
+    assert trainer.stopped_by_time and trainer.step == 10
+    lrs = [r["lr"] / cfg.optim.lr for r in read_log(trainer.outdir / "log.jsonl")]  # the LR of the next step
+    # steps 1, 2: warmup (0.5, then 1 for step 2); after step s >= 2 the LR uses p = (s - 1 - 2) / (10 - 2)
+    expected = [1.0, 1.0] + [lr_lambda(s, 2, 1000, "cosine", 0.1, progress=(s - 3) / 8) for s in range(3, 11)]
+    assert lrs == pytest.approx(expected)
+    assert lrs[-1] == pytest.approx(lr_lambda(10, 2, 1000, "cosine", 0.1, progress=7 / 8))
+    no_budget = Trainer(cfg, tmp_path / "no_budget", resume="none", progress=False)  # step-based, over cfg.steps
+    assert no_budget.schedulers["main"].lr_lambdas[0](501) == lr_lambda(501, 2, 1000, "cosine", 0.1)
+    no_budget.close()
+
 def test_init_from_fine_tunes_an_export_and_decoder_only_keeps_the_encoder(tmp_path, tiny_shards):
     main = train_cli.main
     shards = tiny_shards(16)

@@ -63,6 +63,7 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: str = "constant"  # constant | cosine (to min_lr_ratio * lr at the last step)
     min_lr_ratio: float = 0.0
+    decay_over: str = "steps"  # steps | time: the decay spans the --max-minutes budget (training/optim.py)
     grad_clip: float | None = 1.0  # max global gradient norm per optimizer; null disables clipping
 
     def __post_init__(self):
@@ -74,6 +75,7 @@ class OptimConfig:
         check(self.weight_decay >= 0, f"optim.weight_decay={self.weight_decay!r} must be >= 0")
         check(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps!r} must be >= 0")
         check_choice("optim.decay", self.decay, ("constant", "cosine"))
+        check_choice("optim.decay_over", self.decay_over, ("steps", "time"))
         check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
         check(self.grad_clip is None or self.grad_clip > 0, f"optim.grad_clip={self.grad_clip!r} must be > 0")
 

@@ -18,25 +18,38 @@ Learning-rate multiplier at optimizer step s (``lr_lambda``), with W warmup step
 
     warmup    s < W:   (s + 1) / W                       (Goyal et al. 2017, "Accurate, Large Minibatch SGD")
     constant  s ≥ W:   1
-    cosine    s ≥ W:   m + (1 − m) · ½ (1 + cos(π · (s − W) / (S − W)))   (SGDR, Loshchilov & Hutter 2017),
-                       m = ``min_lr_ratio``
+    cosine    s ≥ W:   m + (1 − m) · ½ (1 + cos(π · p))   (SGDR, Loshchilov & Hutter 2017), m = ``min_lr_ratio``,
+                       p = (s − W) / (S − W) with ``decay_over: steps``
+
+``decay_over: time`` (for runs under a wall-clock budget T, ``--max-minutes``, whose step count is not known in
+advance) makes p the share of the budget spent since the warmup ended instead: p = (t − t_W) / (T − t_W), t the
+seconds this call has trained, t_W those at step W (or at the first step of a call that resumed past W), measured
+after each step and used for the next (``Trainer.decay_progress``). So the LR reaches m · lr when the budget ends,
+however many steps fit. The clock restarts with each call: a run resumed with a new budget decays again from lr
+over it. Without a budget, p is step-based as usual.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
 
 import torch
 from torch import nn
 
 
-def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float) -> float:
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, decay: str, min_lr_ratio: float,
+              progress: float | None = None) -> float:
+    """The multiplier at optimizer step ``step``; ``progress`` (the decay's p, given by a time-based schedule)
+    replaces the step-based one."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if decay == "constant":
         return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if progress is None:
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(1.0, max(0.0, progress))
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -81,7 +94,14 @@ def _bitsandbytes():
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int):
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int,
+                    progress: Callable[[], float] | None = None):
+    """LambdaLR with :func:`lr_lambda`; ``progress``, when given, is read at every step for the decay's p."""
     fn = partial(lr_lambda, warmup_steps=optim_cfg.warmup_steps, total_steps=total_steps,
                  decay=optim_cfg.decay, min_lr_ratio=optim_cfg.min_lr_ratio)
+    if progress is not None:
+        step_fn = fn
+
+        def fn(step: int) -> float:
+            return step_fn(step, progress=progress())
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

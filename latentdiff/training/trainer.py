@@ -63,7 +63,8 @@ class Trainer:
     any), ``none`` (fresh; refuses an ``outdir`` that has checkpoints) or a checkpoint path. ``max_steps`` stops
     the run early (the LR schedule still spans ``cfg.steps``); so does ``max_minutes``, a wall-clock budget for
     this process's training loop (checked after every step; rank 0 decides for all ranks), after which the run
-    logs, samples, checkpoints and exports as at its last step. The run holds ``outdir``'s lock
+    logs, samples, checkpoints and exports as at its last step; with ``optim.decay_over: time`` the LR decay spans
+    that budget instead of ``cfg.steps`` (:meth:`decay_progress`). The run holds ``outdir``'s lock
     (:mod:`latentdiff.locks`) from construction to the end of :meth:`run` (or :meth:`close`): a second trainer on
     the same folder raises :class:`~latentdiff.locks.FolderLockedError` before writing anything."""
 
@@ -77,6 +78,8 @@ class Trainer:
         self.stop_step = min(cfg.steps, max_steps) if max_steps is not None else cfg.steps
         self.max_seconds = None if max_minutes is None else 60.0 * max_minutes
         self.stopped_by_time = False
+        self._spent = 0.0  # share of max_seconds this call has trained, measured after the last step
+        self._spent_at_warmup: float | None = None  # the same when the warmup ended (or at resume past it)
         self.progress = progress and dist.is_main
         self._lock = self._lock_outdir()  # before anything is written into outdir
         try:
@@ -126,9 +129,11 @@ class Trainer:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.objective.find_unused_parameters)
         self.optimizers, self.schedulers = {}, {}
+        by_time = cfg.optim.decay_over == "time" and self.max_seconds is not None
         for name, (params, overrides) in self.objective.optimizer_params().items():
             self.optimizers[name] = build_optimizer(params, cfg.optim, **overrides)
-            self.schedulers[name] = build_scheduler(self.optimizers[name], cfg.optim, cfg.steps)
+            self.schedulers[name] = build_scheduler(self.optimizers[name], cfg.optim, cfg.steps,
+                                                    self.decay_progress if by_time else None)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         ema_modules = {n: self.objective.trainable[n] for n in self.objective.ema_names}
         self.ema = EMA(ema_modules, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
@@ -314,12 +319,24 @@ class Trainer:
         self.guard = NonFiniteGuard(self.device, list(self.optimizers), self.scaler.is_enabled(), self.skipped)
         self._t_start = time.perf_counter()
 
+    def decay_progress(self) -> float:
+        """The LR decay's progress p under ``optim.decay_over: time`` (training/optim.py): the share of the budget
+        spent since the warmup ended (or since the first step of a call that resumed past it), as measured after
+        the last step; 0 before that."""
+        if self._spent_at_warmup is None:
+            return 0.0
+        return (self._spent - self._spent_at_warmup) / max(1e-9, 1.0 - self._spent_at_warmup)
+
     def _out_of_time(self) -> bool:
         if self.max_seconds is None:
             return False
-        over = time.perf_counter() - self._t_start >= self.max_seconds
-        if self.dist.enabled:  # every rank must stop after the same step
-            over = bool(self.dist.broadcast_object(over))
+        spent = (time.perf_counter() - self._t_start) / self.max_seconds
+        if self.dist.enabled:  # every rank must stop after the same step (and decay the LR alike)
+            spent = float(self.dist.broadcast_object(spent))
+        self._spent = spent
+        if self._spent_at_warmup is None and self.step >= self.cfg.optim.warmup_steps:
+            self._spent_at_warmup = spent
+        over = spent >= 1.0
         if over:
             self.stopped_by_time = True
             self.stop_step = self.step

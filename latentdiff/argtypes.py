@@ -43,11 +43,12 @@ class Int:
 
 
 class Float:
-    """An argparse ``type``: a finite number (never nan or inf) in [low, high], or (low, high] with
-    ``low_open``; else a usage error naming the bound."""
+    """An argparse ``type``: a finite number (never nan; inf only with ``allow_inf``) in [low, high], or (low, high]
+    with ``low_open``; else a usage error naming the bound."""
 
-    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False):
-        self.low, self.high, self.low_open = low, high, low_open
+    def __init__(self, low: float | None = None, high: float | None = None, low_open: bool = False,
+                 allow_inf: bool = False):
+        self.low, self.high, self.low_open, self.allow_inf = low, high, low_open, allow_inf
         self.__name__ = "number"
 
     def __call__(self, text: str) -> float:
@@ -55,7 +56,7 @@ class Float:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not math.isfinite(value):
+        if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
             raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             raise argparse.ArgumentTypeError(f"{value:g} must be {'>' if self.low_open else '>='} {self.low:g}")
@@ -65,7 +66,7 @@ class Float:
 
     @property
     def bad_values(self) -> list[str]:
-        out = ["", "abc", "nan", "inf", "-inf", "1e999"]
+        out = ["", "abc", "nan", "-inf"] + ([] if self.allow_inf else ["inf", "1e999"])
         if self.low is not None:
             out.append(f"{self.low:g}" if self.low_open else f"{self.low - 1:g}")
         if self.high is not None:
@@ -85,3 +86,4 @@ FINITE = Float()
 NON_NEGATIVE_FLOAT = Float(0.0)
 POSITIVE_FLOAT = Float(0.0, low_open=True)
 UNIT = Float(0.0, 1.0, low_open=True)  # (0, 1]: --strength, --truncation
+SIGMA = Float(0.0, allow_inf=True)  # a noise level in [0, inf]: --guidance-interval

@@ -15,6 +15,7 @@ from latentdiff.argtypes import (  # noqa: F401 - the numeric flag types, re-exp
     POSITIVE,
     POSITIVE_FLOAT,
     SEED,
+    SIGMA,
     THREADS,
     UNIT,
     WORKERS,

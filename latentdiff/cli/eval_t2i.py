@@ -34,6 +34,7 @@ from latentdiff.cli.common import (
     NON_NEGATIVE_FLOAT,
     POSITIVE,
     SEED,
+    SIGMA,
     UNIT,
     WORKERS,
     ArgumentParser,
@@ -86,6 +87,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--truncation", type=UNIT, default=None,
                    help="VQ-Diffusion only: keep the codes covering this much probability at each position, in "
                         "(0, 1]; default: the model's truncation_rate")
+    p.add_argument("--guidance-interval", type=SIGMA, nargs=2, metavar=("SIGMA_LO", "SIGMA_HI"),
+                   default=None, help="latent diffusion only: guide only the steps whose noise level sigma lies "
+                                      "in (SIGMA_LO, SIGMA_HI] (Kynkaanniemi et al. 2024; 0 inf: every step); "
+                                      "default: the model's own (its config's guidance_interval; none: every step)")
     add_common_arguments(p)
     p.add_argument("--start", type=NON_NEGATIVE, default=0,
                    help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
@@ -174,10 +179,18 @@ def _evaluate(args) -> int:
         fail(f"--sampler {args.sampler} applies to VQ-Diffusion models only")
     if args.truncation is not None and not vq:
         fail("--truncation applies to VQ-Diffusion models only")
+    if args.guidance_interval is not None:
+        if vq:
+            fail("--guidance-interval applies to latent-diffusion models only")
+        lo, hi = args.guidance_interval
+        if not lo < hi:
+            fail(f"--guidance-interval {lo:g} {hi:g}: SIGMA_LO must be below SIGMA_HI")
     sampler = pipe.default_sampler if vq and args.sampler not in VQ_SAMPLER_NAMES else args.sampler
     settings = BenchmarkSettings(sampler=sampler, steps=args.steps, scale=args.scale, seed=args.seed,
                                  eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
-                                 start=args.start, truncation=args.truncation)
+                                 start=args.start, truncation=args.truncation,
+                                 guidance_interval=None if args.guidance_interval is None
+                                 else tuple(args.guidance_interval))
     try:
         result = run_benchmark(pipe, prompts, settings, args.outdir, judges, device=device, checkpoint=args.ckpt,
                                progress=not args.quiet)

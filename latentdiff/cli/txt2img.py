@@ -54,6 +54,7 @@ from latentdiff.cli.common import (
     NON_NEGATIVE_FLOAT,
     POSITIVE,
     SEED,
+    SIGMA,
     UNIT,
     ArgumentParser,
     Float,
@@ -103,6 +104,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--guidance-rescale", type=FRACTION, default=0.0, metavar="PHI",
                    help="guidance rescale in [0, 1] (Lin et al. 2024; diffusers' guidance_rescale; 0.7 for "
                         "zero-terminal-SNR models), latent diffusion only; recorded as 'CFG Rescale phi'")
+    p.add_argument("--guidance-interval", type=SIGMA, nargs=2, default=None,
+                   metavar=("SIGMA_LO", "SIGMA_HI"),
+                   help="guide only the steps whose noise level sigma = sqrt((1 - alphabar) / alphabar) lies in "
+                        "(SIGMA_LO, SIGMA_HI], the others unguided (Kynkaanniemi et al. 2024; 0 inf: every step, "
+                        "overriding a model's own interval), latent diffusion only; default: the model's own (its "
+                        "config's guidance_interval; none: every step); recorded as 'Guidance interval'")
     p.add_argument("--truncation", type=UNIT, default=None,
                    help="VQ-Diffusion models only: keep the most likely codes covering this probability, in (0, 1]; "
                         "default: the model's truncation_rate")
@@ -212,6 +219,13 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if pipe.config.type == "vq_diffusion":
             fail("--guidance-rescale applies to latent-diffusion models only")
         prompt_kwargs["guidance_rescale"] = args.guidance_rescale
+    if args.guidance_interval is not None:  # --guidance-interval
+        if pipe.config.type == "vq_diffusion":
+            fail("--guidance-interval applies to latent-diffusion models only")
+        lo, hi = args.guidance_interval
+        if not lo < hi:
+            fail(f"--guidance-interval {lo:g} {hi:g}: SIGMA_LO must be below SIGMA_HI")
+        prompt_kwargs["guidance_interval"] = (lo, hi)
     apply_fast_arguments(pipe, args)
     encoded_prompts = load_loras(pipe, args, prompts)
     loaded = {n for n, _, _ in getattr(pipe, "loras", ())}  # VQ-Diffusion pipelines have none

@@ -40,7 +40,7 @@ def tag_names(prompts: list[str]) -> set[str]:
 
 # Options a --from-png PNG supplies unless given on the command line (args attribute names).
 PNG_OPTIONS = ("negative_prompt", "steps", "sampler", "scale", "seed", "H", "W", "eta", "strength", "truncation",
-               "mask_blur", "clip_skip", "guidance_rescale", "deepcache", "deepcache_branch")
+               "mask_blur", "clip_skip", "guidance_rescale", "guidance_interval", "deepcache", "deepcache_branch")
 
 
 def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.ArgumentParser) -> dict:
@@ -54,7 +54,12 @@ def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.Arg
 
     def take(key, value):
         try:
-            setattr(args, key, types[key](str(value)) if key in types else value)
+            if key not in types:
+                setattr(args, key, value)
+            elif isinstance(value, tuple):  # a flag of several values (--guidance-interval LO HI)
+                setattr(args, key, [types[key](str(v)) for v in value])
+            else:
+                setattr(args, key, types[key](str(value)))
         except (argparse.ArgumentTypeError, ValueError) as e:
             fail(f"--from-png {args.from_png}: its {key} {value!r} cannot be used: {e}")
 
@@ -86,8 +91,8 @@ def apply_png(args: argparse.Namespace, explicit: set[str], parser: argparse.Arg
 
 def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
     """Warn when the --from-png PNG names another model; drop the PNG's settings that the loaded model has no use
-    for (a VQ-Diffusion truncation on a latent-diffusion model, a clip skip or guidance rescale on a VQ-Diffusion
-    model), and read a VQ-Diffusion sampler's recorded name ("VQ-Diffusion purity" -> vq_purity)."""
+    for (a VQ-Diffusion truncation on a latent-diffusion model; a clip skip, guidance rescale or guidance interval
+    on a VQ-Diffusion model), and read a VQ-Diffusion sampler's recorded name ("VQ-Diffusion purity" -> vq_purity)."""
     from latentdiff.diffusion.samplers import SAMPLERS
 
     if png["model"] and png["model"] != pipe.name:
@@ -100,6 +105,8 @@ def check_png_against(png: dict, pipe, args: argparse.Namespace) -> None:
         args.clip_skip = 1
     if "guidance_rescale" in png["from_png"] and vq:
         args.guidance_rescale = 0.0
+    if "guidance_interval" in png["from_png"] and vq:
+        args.guidance_interval = None
     if "sampler" in png["from_png"] and args.sampler not in SAMPLERS:
         if not vq:
             fail(f"--from-png {args.from_png}: sampler {args.sampler!r} is not one of ours "

@@ -193,6 +193,9 @@ class LatentDiffusionConfig:
     guidance_scale: float = 7.5  # default classifier-free guidance scale for sampling
     sampler: str = "ddim"  # default sampler (a name of diffusion.samplers.SAMPLERS)
     steps: int = 25  # default number of sampling steps
+    # default guidance interval [σ_lo, σ_hi]: guide only the steps whose noise level lies in (σ_lo, σ_hi]
+    # (Kynkäänniemi et al. 2024; diffusion.samplers.classifier_free_guidance); None: every step
+    guidance_interval: list[float] | None = None
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
@@ -203,6 +206,10 @@ class LatentDiffusionConfig:
         check_choice("sampler", self.sampler, SAMPLER_NAMES)
         check(1 <= self.steps <= self.schedule.num_timesteps,
                f"steps={self.steps!r} must be between 1 and schedule.num_timesteps={self.schedule.num_timesteps}")
+        if self.guidance_interval is not None:
+            iv = self.guidance_interval
+            check(len(iv) == 2 and 0 <= iv[0] < iv[1],
+                  f"guidance_interval={iv!r} must be [sigma_lo, sigma_hi] with 0 <= sigma_lo < sigma_hi")
         C = self.autoencoder.embed_dim  # an inpainting U-Net also takes the mask and the masked image's latents
         check(self.unet.in_channels in (C, 2 * C + 1),
                f"unet.in_channels={self.unet.in_channels} must equal autoencoder.embed_dim={C} "

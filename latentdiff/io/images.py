@@ -55,6 +55,7 @@ class GenerationParams:
     loras: tuple = ()  # (name, scale, short hash) of each LoRA applied
     mask_blur: float | None = None  # inpainting only: the mask's blur in pixels, written even when 0
     guidance_rescale: float = 0.0  # guidance rescale φ (Lin et al. 2024); written only when > 0
+    guidance_interval: tuple[float, float] | None = None  # (σ_lo, σ_hi] of the guided steps, when limited
     deepcache: tuple[int, int] | None = None  # DeepCache (interval, branch) when it was on
 
     def to_text(self) -> str:
@@ -77,6 +78,8 @@ class GenerationParams:
             fields.append(f"Clip skip: {self.clip_skip}")
         if self.guidance_rescale:
             fields.append(f"CFG Rescale phi: {self.guidance_rescale:g}")
+        if self.guidance_interval is not None:
+            fields.append(f"Guidance interval: {self.guidance_interval[0]:g}/{self.guidance_interval[1]:g}")
         if self.deepcache is not None:
             fields.append(f"DeepCache: {self.deepcache[0]}/{self.deepcache[1]}")
         if self.loras:  # AUTOMATIC1111: Lora hashes: "name1: hash1, name2: hash2" (quoted: it holds ", ")
@@ -172,6 +175,7 @@ def png_settings(path: str | Path) -> dict:
     names: prompt, negative_prompt, steps, sampler (our id when it is one of ours), scale, seed, H, W, eta, model, and
     where present loras (the names in ``Lora hashes``), strength (img2img's ``Denoising strength``), mask_blur
     (inpainting's ``Mask blur``), clip_skip (``Clip skip``), guidance_rescale (``CFG Rescale phi``),
+    guidance_interval (``Guidance interval: lo/hi``, a float pair),
     deepcache/deepcache_branch (``DeepCache: N/K``), truncation and batch_size/batch_pos (VQ-Diffusion).
     Raises ValueError with one clear message for an unreadable file, a PNG without that chunk, or a text without
     the Steps and Seed fields (or with a malformed value)."""
@@ -209,6 +213,12 @@ def png_settings(path: str | Path) -> dict:
             out["deepcache"], out["deepcache_branch"] = (int(v) for v in fields["DeepCache"].split("/"))
         except ValueError:
             raise ValueError(f"its DeepCache field {fields['DeepCache']!r} is not interval/branch") from None
+    if "Guidance interval" in fields:  # "sigma_lo/sigma_hi"
+        try:
+            lo, hi = (float(v) for v in fields["Guidance interval"].split("/"))
+        except ValueError:
+            raise ValueError(f"its Guidance interval field {fields['Guidance interval']!r} is not lo/hi") from None
+        out["guidance_interval"] = (lo, hi)
     if "Lora hashes" in fields:  # "name1: hash1, name2: hash2" -> the names
         out["loras"] = re.findall(r"(.+?): [0-9a-fA-F]+(?:, |$)", fields["Lora hashes"])
     return out

@@ -101,6 +101,7 @@ class BenchmarkSettings:
     batch_size: int = 50
     negative_prompt: str = ""
     truncation: float | None = None  # VQ-Diffusion only; None: the model's truncation_rate
+    guidance_interval: tuple[float, float] | None = None  # latent diffusion only: guide σ in (lo, hi]; None: all
 
 
 @dataclass
@@ -177,7 +178,9 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
     """
     N = len(prompts.captions)
     paths, predictions = [], []
-    vq_kwargs = {} if settings.truncation is None else {"truncation": settings.truncation}
+    extra = {} if settings.truncation is None else {"truncation": settings.truncation}
+    if settings.guidance_interval is not None:
+        extra["guidance_interval"] = tuple(settings.guidance_interval)
     start = time.time()
     with tqdm(total=N, unit="img", desc=f"{settings.sampler} {settings.steps} steps", disable=not progress) as bar:
         for first in range(0, N, settings.batch_size):
@@ -185,7 +188,7 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
             images, params = pipe.generate(batch, negative_prompt=settings.negative_prompt or None,
                                            steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
                                            seed=settings.seed + settings.start + first,
-                                           eta=settings.eta, **vq_kwargs)  # (b, 3, H, W)
+                                           eta=settings.eta, **extra)  # (b, 3, H, W)
             bad = [p.seed for p, ok in zip(params, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
             if bad:  # a NaN image would be scored as a black one: stop instead
                 raise ValueError(f"images with seeds {bad} have NaN or inf pixels even decoded in float32; the "
@@ -256,8 +259,11 @@ def run_benchmark(pipe, prompts: Prompts, settings: BenchmarkSettings, outdir: s
     truncation = settings.truncation
     if truncation is None and pipe.config.type == "vq_diffusion":
         truncation = pipe.config.truncation_rate
+    interval = settings.guidance_interval
+    if interval is None and pipe.config.type == "latent_diffusion":
+        interval = pipe.config.guidance_interval  # the model's own (None: every step)
     result = {"checkpoint": checkpoint, "model": pipe.name, **asdict(settings), "scale": scale,
-              "truncation": truncation,
+              "truncation": truncation, "guidance_interval": None if interval is None else list(interval),
               "num_samples": len(prompts.captions), "captions": prompts.source,
               "image_size": list(_image_size(gen["paths"][0])), "images": str(folder),
               "generation_seconds": gen["seconds"]}

@@ -15,7 +15,13 @@ from collections.abc import Callable
 import torch
 
 from latentdiff.config import LatentDiffusionConfig
-from latentdiff.diffusion.samplers import SAMPLERS, classifier_free_guidance, noise_to_step, sample
+from latentdiff.diffusion.samplers import (
+    SAMPLERS,
+    check_guidance_interval,
+    classifier_free_guidance,
+    noise_to_step,
+    sample,
+)
 from latentdiff.diffusion.schedule import DiffusionSchedule
 from latentdiff.io.images import GenerationParams
 from latentdiff.models.autoencoder_kl import AutoencoderKL
@@ -76,7 +82,8 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
                  width: int | None = None, num_images_per_prompt: int = 1, eta: float = 0.0,
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
                  strength: float | None = None, clip_skip: int = 1, mask_image=None,
-                 mask_blur: float = 0, guidance_rescale: float = 0.0) -> tuple[torch.Tensor, list[GenerationParams]]:
+                 mask_blur: float = 0, guidance_rescale: float = 0.0,
+                 guidance_interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
         the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
         ``steps``, ``sampler`` and ``scale`` left ``None`` are the model's own (its config's ``steps``, ``sampler``
@@ -108,11 +115,19 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         ``guidance_rescale`` φ in [0, 1] (Lin et al. 2024, Eq. 15-16; diffusers' ``guidance_rescale``) scales each
         guided prediction back towards the standard deviation of the conditional one (0: plain guidance; 0.7 is
         the paper's choice for zero-terminal-SNR models; see ``classifier_free_guidance`` in diffusion/samplers.py).
+        ``guidance_interval`` (σ_lo, σ_hi) guides only the steps whose noise level σ_t = √((1 - ᾱ_t)/ᾱ_t) lies in
+        (σ_lo, σ_hi] and takes the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024); None: the
+        model's own (its config's ``guidance_interval``; None there: every step), (0, inf): every step. Fewer
+        guided steps also mean fewer U-Net calls.
         """
         if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, (int, float)):
             raise TypeError(f"guidance_rescale must be a number, got {type(guidance_rescale).__name__}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
+        if guidance_interval is None and self.config.guidance_interval is not None:
+            guidance_interval = self.config.guidance_interval  # the model's own
+        if guidance_interval is not None:
+            guidance_interval = check_guidance_interval(guidance_interval)
         check_arg_types(prompt=prompt, negative_prompt=negative_prompt, steps=steps, scale=scale, sampler=sampler,
                         seed=seed, seeds=seeds, height=height, width=width, eta=eta, strength=strength,
                         num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip)
@@ -176,7 +191,8 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         step_hook = None
         if mask is not None or is_inpainting_unet(self.config):
             model, step_hook = inpainting(self, model, image, mask, z_init, noise, sampler, steps)
-        guided = classifier_free_guidance(model, scale, float(guidance_rescale))
+        guided = classifier_free_guidance(model, scale, float(guidance_rescale), interval=guidance_interval,
+                                          schedule=self.schedule)
         kwargs = {"context": context} if uncond is None else {"context": context, "uncond_context": uncond}
         z0 = sample(guided, self.schedule, x_T, sampler=sampler, steps=steps, eta=eta, generator=generator,
                     timestep_spacing=s.timestep_spacing, steps_offset=s.steps_offset, callback=callback,
@@ -185,7 +201,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
         params = [GenerationParams(p, n, steps, sampler, scale, sd, width, height, eta, self.name, strength,
                                    model_hash=self.model_hash, clip_skip=clip_skip, loras=tuple(self.loras),
                                    mask_blur=None if mask is None else float(mask_blur),
-                                   guidance_rescale=float(guidance_rescale),
+                                   guidance_rescale=float(guidance_rescale), guidance_interval=guidance_interval,
                                    deepcache=None if self.deepcache is None else
                                    (self.deepcache.interval, self.deepcache.branch))
                   for p, n, sd in zip(prompts, negatives, seeds)]

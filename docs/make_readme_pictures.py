@@ -5,7 +5,8 @@
 The init image is the horse the model makes for "a photo of a horse" (seed 3, DDIM, 25 steps: the img2img
 picture's input, docs/images/img2img_input.png). Each row repaints the white part of one mask with "a photo of a
 horse" and shows: the input, the input with the repainted part in grey, then six results (seeds 0-5, the model's own
-sampler and steps, strength 1). Row 1: the top 12 pixel rows (the background behind the horse); row 2: the right
+sampler and steps, strength 1; every step guided at scale 5: the defaults of v1.3, which made the picture; v1.4 has
+the same weights). Row 1: the top 12 pixel rows (the background behind the horse); row 2: the right
 half (its head and forelegs). Tiles are 32x32 pixels enlarged by --zoom with nearest neighbour, 2 pixels apart.
 """
 
@@ -48,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
     from latentdiff.atomic import atomic_write
 
     pipe = load_pipeline("default", device=torch.device(args.device))
-    horse = pipe("a photo of a horse", seed=3, sampler="ddim", steps=25)[0]
+    v13 = {"scale": 5.0, "guidance_interval": (0.0, float("inf"))}  # the picture was made with v1.3's defaults
+    horse = pipe("a photo of a horse", seed=3, sampler="ddim", steps=25, **v13)[0]
     size = horse.size[0]
     rows = []
     for prompt, region in ROWS:
         mask = np.zeros((size, size), np.uint8)
         mask[region] = 255
         mask = Image.fromarray(mask)
-        images = pipe(prompt, init_image=horse, mask_image=mask, seed=0, num_images_per_prompt=SEEDS)
+        images = pipe(prompt, init_image=horse, mask_image=mask, seed=0, num_images_per_prompt=SEEDS, **v13)
         shown = Image.composite(Image.new("RGB", horse.size, (128, 128, 128)), horse, mask)  # masked part grey
         rows.append([horse, shown, *images])
     step = size + GAP

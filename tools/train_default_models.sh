@@ -49,7 +49,7 @@ options:
   --vqvae-config FILE     default: configs/cifar10_vqvae.yaml
   --vqd-config FILE       default: configs/cifar10_vq_diffusion.yaml
   --init FILE             the finetune stream's starting model (default: latentdiff/assets/default.safetensors,
-                          the shipped v1.3; v1.3 itself was made from v1.2, see BENCHMARKS.md)
+                          the shipped v1.4, whose weights are v1.3's; v1.3 was made from v1.2, see BENCHMARKS.md)
   --set KEY=VALUE         passed to every tools/train.py call (repeatable), e.g. --set device=cpu; a path in
                           VALUE is read from the repository root (the other options' paths from the current folder)
   --smoke                 a check of this script in minutes, e.g. on a CPU: the configs/train_tiny_*.yaml

@@ -194,7 +194,7 @@ class LatentDiffusionConfig:
     sampler: str = "ddim"  # default sampler (a name of diffusion.samplers.SAMPLERS)
     steps: int = 25  # default number of sampling steps
     # default guidance interval [σ_lo, σ_hi]: guide only the steps whose noise level lies in (σ_lo, σ_hi]
-    # (Kynkäänniemi et al. 2024; diffusion.samplers.classifier_free_guidance); None: every step
+    # (Kynkäänniemi et al. 2024; diffusion.guidance.classifier_free_guidance); None: every step
     guidance_interval: list[float] | None = None
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderKLConfig = field(default_factory=AutoencoderKLConfig)

@@ -114,7 +114,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
 
         ``guidance_rescale`` φ in [0, 1] (Lin et al. 2024, Eq. 15-16; diffusers' ``guidance_rescale``) scales each
         guided prediction back towards the standard deviation of the conditional one (0: plain guidance; 0.7 is
-        the paper's choice for zero-terminal-SNR models; see ``classifier_free_guidance`` in diffusion/samplers.py).
+        the paper's choice for zero-terminal-SNR models; see ``classifier_free_guidance`` in diffusion/guidance.py).
         ``guidance_interval`` (σ_lo, σ_hi) guides only the steps whose noise level σ_t = √((1 - ᾱ_t)/ᾱ_t) lies in
         (σ_lo, σ_hi] and takes the conditional prediction alone elsewhere (Kynkäänniemi et al. 2024); None: the
         model's own (its config's ``guidance_interval``; None there: every step), (0, inf): every step. Fewer

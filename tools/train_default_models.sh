@@ -14,8 +14,8 @@ ones are packed (tools/pack_model.py --half --vocabulary SHARDS). Streams:
   continuous  KL autoencoder (--ae-config), then latent diffusion on its latents (--ldm-config) and, at the same
               time, that autoencoder's decoder alone with the patch GAN (--decoder-minutes)
               -> OUTDIR/cifar10_autoencoder/, OUTDIR/cifar10_decoder/, OUTDIR/cifar10_ldm/ (model.safetensors,
-              model-fp16.safetensors: the diffusion model with the fine-tuned decoder, sampling by default as the
-              embedded model does: Euler ancestral, 10 steps, guidance scale 5)
+              model-fp16.safetensors: the diffusion model with the fine-tuned decoder, sampling by default as
+              v1.3 of the embedded model did: Euler ancestral, 10 steps, guidance scale 5 at every step)
   discrete    VQ autoencoder (--vqvae-config), then VQ-Diffusion on its codes (--vqd-config) and, at the same
               time, the VQ decoder alone (--decoder-minutes)
               -> OUTDIR/cifar10_vqvae/, OUTDIR/cifar10_vq_decoder/, OUTDIR/cifar10_vq_diffusion/ (likewise)
@@ -182,8 +182,9 @@ second_stage() {
 
 continuous() {
     train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
-    # the embedded model's sampling defaults: an epsilon model trained for minutes fails with DDIM, the config's
-    # default sampler, and does best with Euler ancestral (BENCHMARKS.md, "Diffusion objective")
+    # v1.3's sampling defaults (v1.4's guidance interval is unmeasured on new models): an epsilon model trained for
+    # minutes fails with DDIM, the config's default sampler, and does best with Euler ancestral (BENCHMARKS.md,
+    # "Diffusion objective")
     second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
         autoencoder_checkpoint --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
 }

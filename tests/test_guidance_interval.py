@@ -14,6 +14,7 @@ from latentdiff.cli import eval_t2i, txt2img
 from latentdiff.config import ScheduleConfig
 from latentdiff.diffusion.samplers import classifier_free_guidance, noise_level, sample
 from latentdiff.diffusion.schedule import DiffusionSchedule
+from latentdiff.diffusion.timesteps import schedule_sigmas
 from latentdiff.io.images import parse_parameters, png_bytes, png_settings
 
 SCALE = 4.0
@@ -33,16 +34,17 @@ def linear_schedule() -> DiffusionSchedule:
 
 
 def test_noise_level_is_the_closed_form():
-    sch = linear_schedule()
+    sigmas = schedule_sigmas(linear_schedule())
     ac = AC.numpy()
     for t in (0, 99, 500, 999):
-        assert noise_level(sch, t) == pytest.approx(np.sqrt((1 - ac[t]) / ac[t]), rel=1e-12)
-    mid = noise_level(sch, 99.25)  # fractional (Euler ancestral, linspace): linear between the neighbours
-    assert mid == pytest.approx(0.75 * noise_level(sch, 99) + 0.25 * noise_level(sch, 100), rel=1e-12)
+        assert noise_level(sigmas, t) == pytest.approx(np.sqrt((1 - ac[t]) / ac[t]), rel=1e-12)
+    mid = noise_level(sigmas, 99.25)  # fractional (Euler ancestral, linspace): linear between the neighbours
+    assert mid == pytest.approx(0.75 * noise_level(sigmas, 99) + 0.25 * noise_level(sigmas, 100), rel=1e-12)
     zero_snr = DiffusionSchedule.from_config(ScheduleConfig(prediction_type="v_prediction",
                                                             rescale_betas_zero_snr=True,
                                                             timestep_spacing="trailing"))
-    assert np.isfinite(noise_level(zero_snr, 999)) and noise_level(zero_snr, 999) > 1000  # ᾱ = 0 taken as 2^-24
+    last = noise_level(schedule_sigmas(zero_snr), 999)
+    assert np.isfinite(last) and last > 1000  # ᾱ = 0 taken as 2^-24
 
 
 @pytest.mark.parametrize("interval", [(0.0, 1e4), (1e4, 2e4), (0.5, 6.0), (2.0, 30.0)])

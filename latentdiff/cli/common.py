@@ -49,6 +49,19 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise SystemExit(report_error(message, code))
 
 
+def guidance_interval_option(interval, vq: bool) -> tuple[float, float] | None:
+    """``--guidance-interval LO HI`` as given (None when absent), checked against the loaded model: exits 2 for a
+    VQ-Diffusion model or when LO is not below HI."""
+    if interval is None:
+        return None
+    if vq:
+        fail("--guidance-interval applies to latent-diffusion models only")
+    lo, hi = interval
+    if not lo < hi:
+        fail(f"--guidance-interval {lo:g} {hi:g}: SIGMA_LO must be below SIGMA_HI")
+    return lo, hi
+
+
 def report_paths(out, overwrite: bool):
     """``--out`` of a command writing a JSON report and its Markdown table beside it: ``(out.json, out.md)``,
     checked before any work (ValueError: not .json, or under a file; FileExistsError: exists without

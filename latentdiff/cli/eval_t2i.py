@@ -39,6 +39,7 @@ from latentdiff.cli.common import (
     WORKERS,
     ArgumentParser,
     fail,
+    guidance_interval_option,
     lock_outdir,
     resolve_device_dtype,
 )
@@ -179,18 +180,11 @@ def _evaluate(args) -> int:
         fail(f"--sampler {args.sampler} applies to VQ-Diffusion models only")
     if args.truncation is not None and not vq:
         fail("--truncation applies to VQ-Diffusion models only")
-    if args.guidance_interval is not None:
-        if vq:
-            fail("--guidance-interval applies to latent-diffusion models only")
-        lo, hi = args.guidance_interval
-        if not lo < hi:
-            fail(f"--guidance-interval {lo:g} {hi:g}: SIGMA_LO must be below SIGMA_HI")
     sampler = pipe.default_sampler if vq and args.sampler not in VQ_SAMPLER_NAMES else args.sampler
     settings = BenchmarkSettings(sampler=sampler, steps=args.steps, scale=args.scale, seed=args.seed,
                                  eta=args.eta, batch_size=args.batch_size, negative_prompt=args.negative_prompt,
                                  start=args.start, truncation=args.truncation,
-                                 guidance_interval=None if args.guidance_interval is None
-                                 else tuple(args.guidance_interval))
+                                 guidance_interval=guidance_interval_option(args.guidance_interval, vq))
     try:
         result = run_benchmark(pipe, prompts, settings, args.outdir, judges, device=device, checkpoint=args.ckpt,
                                progress=not args.quiet)

@@ -60,6 +60,7 @@ from latentdiff.cli.common import (
     Float,
     Int,
     fail,
+    guidance_interval_option,
     report_error,
     resolve_device_dtype,
 )
@@ -219,13 +220,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if pipe.config.type == "vq_diffusion":
             fail("--guidance-rescale applies to latent-diffusion models only")
         prompt_kwargs["guidance_rescale"] = args.guidance_rescale
-    if args.guidance_interval is not None:  # --guidance-interval
-        if pipe.config.type == "vq_diffusion":
-            fail("--guidance-interval applies to latent-diffusion models only")
-        lo, hi = args.guidance_interval
-        if not lo < hi:
-            fail(f"--guidance-interval {lo:g} {hi:g}: SIGMA_LO must be below SIGMA_HI")
-        prompt_kwargs["guidance_interval"] = (lo, hi)
+    interval = guidance_interval_option(args.guidance_interval, pipe.config.type == "vq_diffusion")
+    if interval is not None:
+        prompt_kwargs["guidance_interval"] = interval
     apply_fast_arguments(pipe, args)
     encoded_prompts = load_loras(pipe, args, prompts)
     loaded = {n for n, _, _ in getattr(pipe, "loras", ())}  # VQ-Diffusion pipelines have none

@@ -37,6 +37,7 @@ def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float, r
     the conditional output alone, one model call on B inputs (guidance in a limited interval, Kynkäänniemi et al.
     2024, Sec. 3: guiding at high noise levels pulls samples towards a few modes, at low ones it barely matters).
     None (default): every step. Which steps fall inside depends on the sampler's timesteps: :func:`noise_level`.
+    The schedule's noise levels are computed once here, not at every step.
     """
     if not 0.0 <= rescale <= 1.0:
         raise ValueError(f"guidance rescale={rescale!r} must be in [0, 1]")
@@ -44,11 +45,12 @@ def classifier_free_guidance(model: Callable[..., torch.Tensor], scale: float, r
         interval = check_guidance_interval(interval)
         if schedule is None:
             raise ValueError("a guidance interval needs the schedule (its noise levels)")
+        sigmas = schedule_sigmas(schedule)  # (T,)
 
     def guided(x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                uncond_context: torch.Tensor | None = None) -> torch.Tensor:
         if scale == 1 or (interval is not None
-                          and not interval[0] < noise_level(schedule, float(t[0])) <= interval[1]):
+                          and not interval[0] < noise_level(sigmas, float(t[0])) <= interval[1]):
             return model(x_t, t, context=context)
         if uncond_context is None:
             raise ValueError(f"classifier-free guidance with scale={scale!r} needs uncond_context")
@@ -78,8 +80,8 @@ def check_guidance_interval(interval) -> tuple[float, float]:
     return lo, hi
 
 
-def noise_level(schedule: DiffusionSchedule, t: float) -> float:
-    """σ_t = √((1 - ᾱ_t) / ᾱ_t) at timestep t, as :func:`run_sigmas` gives it (a fractional t, Euler ancestral with
-    ``linspace`` spacing, interpolates between the integer timesteps; ᾱ = 0 counts as 2^-24)."""
-    all_sigmas = schedule_sigmas(schedule)
-    return float(np.interp(t, np.arange(all_sigmas.size, dtype=np.float64), all_sigmas))
+def noise_level(sigmas: np.ndarray, t: float) -> float:
+    """σ_t at timestep t from a schedule's noise levels ``sigmas = schedule_sigmas(schedule)`` (σ_t = √((1 - ᾱ_t) /
+    ᾱ_t), ᾱ = 0 counted as 2^-24), as :func:`run_sigmas` gives it: a fractional t (Euler ancestral with ``linspace``
+    spacing) interpolates between the integer timesteps."""
+    return float(np.interp(t, np.arange(sigmas.size, dtype=np.float64), sigmas))

@@ -180,7 +180,7 @@ def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder:
     paths, predictions = [], []
     extra = {} if settings.truncation is None else {"truncation": settings.truncation}
     if settings.guidance_interval is not None:
-        extra["guidance_interval"] = tuple(settings.guidance_interval)
+        extra["guidance_interval"] = settings.guidance_interval
     start = time.time()
     with tqdm(total=N, unit="img", desc=f"{settings.sampler} {settings.steps} steps", disable=not progress) as bar:
         for first in range(0, N, settings.batch_size):

@@ -124,8 +124,8 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
             raise TypeError(f"guidance_rescale must be a number, got {type(guidance_rescale).__name__}")
         if not 0.0 <= guidance_rescale <= 1.0:
             raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1]")
-        if guidance_interval is None and self.config.guidance_interval is not None:
-            guidance_interval = self.config.guidance_interval  # the model's own
+        if guidance_interval is None:
+            guidance_interval = self.config.guidance_interval  # the model's own (None: every step)
         if guidance_interval is not None:
             guidance_interval = check_guidance_interval(guidance_interval)
         check_arg_types(prompt=prompt, negative_prompt=negative_prompt, steps=steps, scale=scale, sampler=sampler,

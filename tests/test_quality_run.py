@@ -133,11 +133,18 @@ def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
     from latentdiff.assets import CIFAR10_CLASSIFIER
     from latentdiff.metrics.classifier import load_classifier
     from latentdiff.metrics.t2i import caption_label
+    from latentdiff.pipelines import load_pipeline
 
     embedded = load_classifier(CIFAR10_CLASSIFIER)
     summary = (outdir / "summary.md").read_text()
-    assert sorted(p.name for p in outdir.glob("eval_*")) == ["eval_new_default", "eval_old_default"]
-    for label in ("old_default", "new_default"):
+    assert sorted(p.name for p in outdir.glob("eval_*")) == ["eval_new_default", "eval_new_default_guided",
+                                                             "eval_old_default"]
+    embedded_config = load_pipeline("default").config  # the new model is also sampled with its guidance
+    guided = json.loads((outdir / "eval_new_default_guided/results.json").read_text())
+    assert guided["scale"] == embedded_config.guidance_scale and guided["sampler"] == "euler_a"
+    assert guided["guidance_interval"] == embedded_config.guidance_interval is not None
+    assert json.loads((outdir / "eval_new_default/results.json").read_text())["guidance_interval"] is None
+    for label in ("old_default", "new_default", "new_default_guided"):
         folder = outdir / f"eval_{label}"
         result = json.loads((folder / "results.json").read_text())
         assert result["num_samples"] == 20 and result["fid"]["skipped"]
@@ -157,12 +164,14 @@ def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
     assert "Traceback" not in out.stdout + out.stderr
 
 
-def fake_eval(outdir: Path, label: str, fid: float, new_judge: float, old_judge: float, file: str) -> None:
-    """An eval_<label>/ folder as the eval stage leaves it (results.json of eval_t2i, judge_embedded.json)."""
+def fake_eval(outdir: Path, label: str, fid: float, new_judge: float, old_judge: float, file: str,
+              **settings) -> None:
+    """An eval_<label>/ folder as the eval stage leaves it (results.json of eval_t2i with ``settings`` such as its
+    scale, judge_embedded.json)."""
     folder = outdir / f"eval_{label}"
     folder.mkdir(parents=True)
     result = {"num_samples": 10000, "fid": {"value": fid}, "class_accuracy": {"accuracy": new_judge},
-              "checkpoint": file}
+              "checkpoint": file, **settings}
     (folder / "results.json").write_text(json.dumps(result))
     (folder / "judge_embedded.json").write_text(json.dumps({"folders": [{"accuracy": old_judge, "images": 10000}]}))
 
@@ -198,6 +207,70 @@ def test_vq_diffusion_verdict_weighs_both_samplers(data, tmp_path, case):
         assert ("- default-vq, the embedded model with purity sampling against its own sampler: better (FID 92.00 vs "
                 "95.80, accuracy 47.0 % vs 46.0 % by the new judge)") in summary, summary
         assert f"repack it so: `python tools/pack_model.py {asset} {asset} --set sampler=vq_purity" in summary
+
+
+@pytest.mark.parametrize("case", ["guided ships", "plain ships", "neither"])
+def test_continuous_verdict_weighs_the_embedded_guidance(data, tmp_path, case):
+    """A new latent-diffusion model is judged with its packed defaults and with the embedded model's guidance
+    (scale and interval): the lower FID of the settings that beat the old model on both counts ships, with the
+    command that packs the new file with the guidance it won with."""
+    outdir = tmp_path / "out"
+    new_file = outdir / "runs/cifar10_ldm/model-fp16.safetensors"
+    new_file.parent.mkdir(parents=True)
+    new_file.write_bytes(b"x" * 1000)
+    plain, guided = {"guided ships": ((45.0, 0.93, 0.90), (30.0, 0.97, 0.95)),
+                     "plain ships": ((30.0, 0.97, 0.95), (45.0, 0.97, 0.95)),
+                     "neither": ((45.0, 0.97, 0.95), (30.0, 0.93, 0.90))}[case]
+    fake_eval(outdir, "old_default", 39.2, 0.96, 0.94, "default", scale=7.0, guidance_interval=[0.28, 5.42])
+    fake_eval(outdir, "new_default", *plain, str(new_file), scale=5.0, guidance_interval=None)
+    fake_eval(outdir, "new_default_guided", *guided, str(new_file), scale=7.0, guidance_interval=[0.28, 5.42])
+    out = run(["--smoke", "--device", "cpu", "--no-fid", "--streams", "continuous", "--skip",
+               "judge,train,rfid-new,eval", "--test-source", data / "test.tar.gz", outdir], cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = (outdir / "summary.md").read_text()
+    assert "| new_default_guided | 10000 | " + f"{guided[0]:.2f} | {100 * guided[1]:.1f} % |" in summary, summary
+    line = "- default with the embedded model's guidance (scale 7 in σ ∈ (0.28, 5.42]): "
+    asset = "latentdiff/assets/default.safetensors"
+    if case == "guided ships":
+        assert line + "SHIPS (FID 30.00 vs 39.20, accuracy 97.0 % vs 96.0 % by the new judge" in summary, summary
+        assert "- default: does not ship (FID 45.00 vs 39.20" in summary
+        assert (f"ships: new_default_guided: `python tools/pack_model.py {new_file} {asset} --set guidance_scale=7.0 "
+                '--set "guidance_interval=[0.28, 5.42]" --overwrite`') in summary, summary
+    elif case == "plain ships":
+        assert line + "does not ship (FID 45.00" in summary and "- default: SHIPS (FID 30.00" in summary
+        assert f"ships: new_default: `cp {new_file} {asset}`" in summary, summary
+    else:
+        assert line + "does not ship (FID 30.00 vs 39.20, accuracy 93.0 % vs 96.0 %" in summary, summary
+        assert "ships:" not in summary
+
+
+@pytest.mark.parametrize("steps", [None, 3])
+def test_eval_samples_each_latent_diffusion_model_with_its_own_steps(tmp_path, steps):
+    """Outside --smoke, eval samples the old and the new continuous model at each one's own number of steps (the
+    embedded model's 10, the new file's from its config; its guided row too) unless --steps N overrides all."""
+    import dataclasses
+
+    from latentdiff.pipelines import load_pipeline
+
+    outdir = tmp_path / "out"
+    stand_in_runs(outdir)
+    new_file = outdir / "runs/cifar10_ldm/model-fp16.safetensors"
+    pipe = load_pipeline(new_file)
+    pipe.config = dataclasses.replace(pipe.config, steps=4)  # a step count no other model has
+    pipe.save(new_file, overwrite=True)
+    out = run(["--device", "cpu", "--no-fid", "--streams", "continuous", "--skip", "judge,train,rfid-old,rfid-new",
+               "--num-samples", 2, "--batch-size", 2, *(["--steps", steps] if steps else []), outdir], cwd=tmp_path,
+              timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    embedded = load_pipeline("default").config
+    results = {label: json.loads((outdir / f"eval_{label}/results.json").read_text())
+               for label in ("old_default", "new_default", "new_default_guided")}
+    assert {label: r["steps"] for label, r in results.items()} == (
+        {"old_default": embedded.steps, "new_default": 4, "new_default_guided": 4} if steps is None
+        else dict.fromkeys(results, steps))
+    assert results["new_default_guided"]["scale"] == embedded.guidance_scale
+    assert results["new_default"]["scale"] == pipe.config.guidance_scale
+    assert all(r["sampler"] == "euler_a" and r["num_samples"] == 2 for r in results.values())
 
 
 def test_a_failed_stage_exits_1_and_the_others_still_run(data, tmp_path):

@@ -26,17 +26,19 @@ is reported and the stages that do not need its output still run. Stages (--skip
             --num-samples images each, judged by the new classifier when OUTDIR/judge has one (then also re-scored by
             the embedded one) -> OUTDIR/eval_<model>/; latent-diffusion models with Euler ancestral (the embedded
             model's sampler; DDIM fails an epsilon model trained for minutes: BENCHMARKS.md, "Diffusion
-            objective"), VQ-Diffusion models with both samplers, the reverse chain (vq) and purity sampling
-            (vq_purity, eval_<model>_purity/)
+            objective"; the new one also with the embedded model's guidance scale and interval when it has one,
+            eval_new_default_guided/), VQ-Diffusion models with both samplers, the reverse chain (vq) and purity
+            sampling (vq_purity, eval_<model>_purity/)
 
 Before the stages, missing shards are made with tools/make_shards.py (--shards from --train-source, --test-shards
 from --test-source; outside OUTDIR, so that OUTDIR stays small enough to copy back). OUTDIR/summary.md holds
 every stage's status and wall time, the judge's accuracy, the rFID tables and the old-vs-new table (FID-10k,
 class accuracy by the new and the old judge, file size) with the shipping rule of issue #17 applied: a new model
 ships only when it beats the old one on both FID and class accuracy (by the new judge when there is one) and its
-packed file is at most 40 MB (a new VQ-Diffusion model with either sampler against the old one with its own; one
-that wins with purity sampling ships repacked with it as its default, as does the old one when purity sampling
-beats its own). Nothing is copied into latentdiff/assets: summary.md prints the commands that would.
+packed file is at most 40 MB (a new model with each of its settings against the old one with its own; one that
+wins with purity sampling or the embedded model's guidance ships repacked with them as its defaults, and the old
+VQ-Diffusion model is repacked with purity sampling when that beats its own sampler). Nothing is copied into
+latentdiff/assets: summary.md prints the commands that would.
 Also written: OUTDIR/<stage>.log (each stage's output), OUTDIR/env.txt. Run the same command again with --skip
 for the stages done (their outputs in OUTDIR are reused): e.g. a second call on a machine with a time limit.
 The exit status is 1 when a stage failed (the others still ran), 2 for bad arguments (before any work).
@@ -68,7 +70,8 @@ options:
                           autoencoders' files stay): a smaller OUTDIR to copy back from a remote machine
   --judge-epochs E        the judge's epochs (default: airbench94's own, 9.9)
   --num-samples N         images per model in eval (default: 10000; FID-10k needs 10000)
-  --steps N               eval's sampling steps, all models (default: 25, as BENCHMARKS.md's tables)
+  --steps N               eval's sampling steps, all models (default: a latent-diffusion model's own, 10 for the
+                          embedded one; 25 for VQ-Diffusion models, as BENCHMARKS.md's tables)
   --batch-size N          eval's images per generation batch (default: 1000)
   --precision P           eval's precision: fp32, bf16 or fp16 (default: fp32, as BENCHMARKS.md's tables)
   --skip LIST             comma-separated stages not to run: stats, judge, rfid-old, train, rfid-new, eval
@@ -110,7 +113,7 @@ KEEP_CHECKPOINTS=0
 SLIM=0
 JUDGE_EPOCHS=
 NUM=10000
-STEPS=25
+STEPS=  # empty: each model's own (latent diffusion), 25 (VQ-Diffusion)
 BATCH=1000
 PRECISION=fp32
 SKIP=
@@ -230,7 +233,7 @@ DECODER_MINUTES=${DECODER_MINUTES:-$DIFFUSION_MINUTES}
 # shellcheck disable=SC2034  # read by prepare_run
 ENV_LINES="command: $SCRIPT --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES --diffusion-minutes $DIFFUSION_MINUTES \
 --decoder-minutes $DECODER_MINUTES \
---num-samples $NUM --steps $STEPS --precision $PRECISION --device $DEVICE${SKIP:+ --skip ${SKIP// /,}}$flags\
+--num-samples $NUM${STEPS:+ --steps $STEPS} --precision $PRECISION --device $DEVICE${SKIP:+ --skip ${SKIP// /,}}$flags\
 ${TRAIN_ARGS[*]:+ ${TRAIN_ARGS[*]}}"
 prepare_run "$DEVICE"
 mkdir -p "$OUTDIR/rfid"
@@ -328,17 +331,46 @@ new_autoencoders() {
     done
 }
 
-eval_models() {  # "label model [sampler]" per evaluation: per stream, the embedded (old) model and the new one;
-    # VQ-Diffusion models also with purity sampling (label suffix _purity), which may ship as a model's default
-    local new_vq=$OUTDIR/runs/cifar10_vq_diffusion/model-fp16.safetensors
+sampling_options() {  # sampling_options FILE [guided]: eval_t2i.py options for FILE's own number of steps (none
+    # when its config has none or it cannot be read: eval then reports the file); with "guided", also the embedded
+    # continuous model's guidance scale and interval, and nothing at all when that model has no interval
+    "$PYTHON" - "$1" "${2:-}" "$ROOT/latentdiff/assets/default.safetensors" <<'PY'
+import json, sys
+from safetensors import safe_open
+
+def config(path):
+    try:
+        with safe_open(path, "pt") as f:
+            return json.loads(f.metadata()["config"])
+    except Exception:  # a missing or broken file: eval_t2i.py says what is wrong with it
+        return {}
+
+own, embedded = config(sys.argv[1]), config(sys.argv[3])
+options = f"--steps {own['steps']}" if own.get("steps") else ""
+if sys.argv[2] == "guided":
+    interval = embedded.get("guidance_interval")
+    options = (f"{options} --scale {embedded['guidance_scale']} --guidance-interval {interval[0]} {interval[1]}"
+               if interval else "")
+print(options.strip())
+PY
+}
+
+eval_models() {  # "label model sampler [eval_t2i options]" per evaluation: per stream, the embedded (old) model and
+    # the new one, latent-diffusion models at their own number of steps; a new latent-diffusion model also with the
+    # embedded model's guidance (scale and interval; label suffix _guided) and VQ-Diffusion models also with purity
+    # sampling (suffix _purity), either of which may ship as the new model's defaults
+    local old_ldm=$ROOT/latentdiff/assets/default.safetensors new_ldm=$OUTDIR/runs/cifar10_ldm/model-fp16.safetensors
+    local new_vq=$OUTDIR/runs/cifar10_vq_diffusion/model-fp16.safetensors guided
     for s in $STREAMS; do
         case $s in
-            continuous) echo "old_default default euler_a"
-                        echo "new_default $OUTDIR/runs/cifar10_ldm/model-fp16.safetensors euler_a" ;;
-            discrete) echo "old_default-vq default-vq vq"
-                      echo "old_default-vq_purity default-vq vq_purity"
-                      echo "new_default-vq $new_vq vq"
-                      echo "new_default-vq_purity $new_vq vq_purity" ;;
+            continuous) echo "old_default default euler_a $(sampling_options "$old_ldm")"
+                        echo "new_default $new_ldm euler_a $(sampling_options "$new_ldm")"
+                        guided=$(sampling_options "$new_ldm" guided)
+                        [ -z "$guided" ] || echo "new_default_guided $new_ldm euler_a $guided" ;;
+            discrete) echo "old_default-vq default-vq vq --steps 25"
+                      echo "old_default-vq_purity default-vq vq_purity --steps 25"
+                      echo "new_default-vq $new_vq vq --steps 25"
+                      echo "new_default-vq_purity $new_vq vq_purity --steps 25" ;;
         esac
     done
 }
@@ -354,19 +386,21 @@ rescore() {  # rescore CLASSIFIER EVAL_DIR...: class accuracy of EVAL_DIR/images
 }
 
 evaluate() {  # the old and new models with the new judge when there is one, then the embedded judge on the same images
-    local judge=$OUTDIR/judge/cifar10_classifier.safetensors code=0 label model done=()
-    local common=(--captions cifar10 --steps "$STEPS" --num-samples "$NUM" --batch-size "$BATCH" --no-clip
-                  --device "$DEVICE" --precision "$PRECISION" --quiet)
+    local judge=$OUTDIR/judge/cifar10_classifier.safetensors code=0 label model sampler options extra done=()
+    local common=(--captions cifar10 --num-samples "$NUM" --batch-size "$BATCH" --no-clip --device "$DEVICE"
+                  --precision "$PRECISION" --quiet)
+    [ -z "$STEPS" ] || common+=(--steps "$STEPS")  # after a model's own options: --steps N overrides them
     if [ "$NO_FID" = 1 ]; then
         common+=(--reference none)
     else
         common+=(--reference "$STATS" ${FID_ARGS[@]+"${FID_ARGS[@]}"})
     fi
     if [ -f "$judge" ] && ! failed judge; then common+=(--classifier "$judge"); fi
-    while read -r label model sampler; do
+    while read -r label model sampler options; do
+        read -r -a extra <<< "$options"
         rm -rf "${OUTDIR:?}/eval_$label"  # eval_t2i.py refuses an images/ folder that already holds images
-        echo "-- eval_$label: $model${sampler:+ ($sampler)}"
-        if "$PYTHON" tools/eval_t2i.py --ckpt "$model" ${sampler:+--sampler "$sampler"} "${common[@]}" \
+        echo "-- eval_$label: $model ($sampler${options:+ $options})"
+        if "$PYTHON" tools/eval_t2i.py --ckpt "$model" --sampler "$sampler" ${extra[@]+"${extra[@]}"} "${common[@]}" \
                 --outdir "$OUTDIR/eval_$label"; then
             done+=("$OUTDIR/eval_$label")
         else
@@ -451,7 +485,8 @@ for d in sorted(out.glob("eval_*")):
     rows[d.name[5:]] = {"fid": r.get("fid", {}).get("value"), "images": r.get("num_samples"),
                         "acc_new": acc.get("accuracy") if new_judge else None,
                         "acc_old": second["accuracy"] if new_judge else acc.get("accuracy"),
-                        "file": r.get("checkpoint", "")}
+                        "file": r.get("checkpoint", ""), "scale": r.get("scale"),
+                        "interval": r.get("guidance_interval")}
 
 
 def pct(v):
@@ -490,33 +525,45 @@ if rows:
             f"{'new' if key == 'acc_new' else 'embedded'} judge" + ("" if size is None else f", {size:.1f} MB")
             + ")"), better
 
-    def install(row, purity, asset):
-        """The command that puts ``row``'s model file in place of ``asset``, repacked with purity sampling as its
-        default when ``purity``."""
-        if not purity:
-            return f"`cp {row['file']} {asset}`"
-        return f"`python tools/pack_model.py {row['file']} {asset} --set sampler=vq_purity --overwrite`"
+    def install(row, how, asset):
+        """The command that puts ``row``'s model file in place of ``asset``: as it is (``how`` ""), repacked with
+        purity sampling as its default ("_purity") or with the guidance scale and interval it was evaluated with
+        ("_guided")."""
+        if how == "_purity":
+            return f"`python tools/pack_model.py {row['file']} {asset} --set sampler=vq_purity --overwrite`"
+        if how == "_guided":
+            lo, hi = row["interval"]
+            return (f"`python tools/pack_model.py {row['file']} {asset} --set guidance_scale={row['scale']} "
+                    f"--set \"guidance_interval=[{lo}, {hi}]\" --overwrite`")
+        return f"`cp {row['file']} {asset}`"
+
+    def described(row, how):
+        if how == "_purity":
+            return " with purity sampling"
+        if how == "_guided":
+            return (f" with the embedded model's guidance (scale {row['scale']:g} in σ ∈ ({row['interval'][0]:g}, "
+                    f"{row['interval'][1]:g}])")
+        return ""
 
     for kind, asset in assets.items():
         old = rows.get(f"old_{kind}")
-        candidates = [(f"new_{kind}{suffix}", suffix == "_purity") for suffix in ("", "_purity")
-                      if rows.get(f"new_{kind}{suffix}")]
+        candidates = [(f"new_{kind}{how}", how) for how in ("", "_purity", "_guided") if rows.get(f"new_{kind}{how}")]
         if not (old and candidates):
             continue
         results = []
-        for label, purity in candidates:
+        for label, how in candidates:
             new = rows[label]
             size = Path(new["file"]).stat().st_size / 1e6 if Path(new["file"]).is_file() else float("nan")
             text, ships = verdict(old, new, size)
-            results.append((label, purity, new, text, ships))
-            lines.append(f"- {kind}{' with purity sampling' if purity else ''}: {text}")
+            results.append((label, how, new, text, ships))
+            lines.append(f"- {kind}{described(new, how)}: {text}")
         shipping = [r for r in results if r[4]]
         if shipping:  # the lower FID of those that ship
-            label, purity, new, _, _ = min(shipping, key=lambda r: r[2]["fid"])
-            lines.append(f"  ships: {label}: {install(new, purity, asset)}  (then the model card and BENCHMARKS.md)")
+            label, how, new, _, _ = min(shipping, key=lambda r: r[2]["fid"])
+            lines.append(f"  ships: {label}: {install(new, how, asset)}  (then the model card and BENCHMARKS.md)")
         elif any(r[3].startswith("undecided: no FID") for r in results):
-            for label, purity, new, _, _ in results:
-                lines.append(f"  if {label} wins: {install(new, purity, asset)}  (then the model card and BENCHMARKS.md)")
+            for label, how, new, _, _ in results:
+                lines.append(f"  if {label} wins: {install(new, how, asset)}  (then the model card and BENCHMARKS.md)")
         old_purity = rows.get(f"old_{kind}_purity")
         if old_purity and not shipping:
             text, ships = verdict(old, old_purity, words=("better", "not better"))

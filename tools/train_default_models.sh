@@ -182,9 +182,9 @@ second_stage() {
 
 continuous() {
     train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
-    # v1.3's sampling defaults (v1.4's guidance interval is unmeasured on new models): an epsilon model trained for
-    # minutes fails with DDIM, the config's default sampler, and does best with Euler ancestral (BENCHMARKS.md,
-    # "Diffusion objective")
+    # v1.3's sampling defaults (tools/quality_run.sh also scores v1.4's guidance interval on the new model): an
+    # epsilon model trained for minutes fails with DDIM, the config's default sampler, and does best with Euler
+    # ancestral (BENCHMARKS.md, "Diffusion objective")
     second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
         autoencoder_checkpoint --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
 }

@@ -8,9 +8,9 @@
 steps: the img2img picture's input, docs/images/img2img_input.png). Each row repaints the white part of one mask
 with "a photo of a horse" and shows: the input, the input with the repainted part in grey, then six results (seeds
 0-5, the model's own sampler and steps, strength 1; every step guided at scale 5: the defaults of v1.3, which made
-the picture; v1.4 has the same weights). Row 1: the top 12 pixel rows (the background behind the horse); row 2: the
-right half (its head and forelegs). Tiles are 32x32 pixels enlarged by --zoom (default 4) with nearest neighbour,
-2 pixels apart.
+the picture; v1.4 and v1.5 have the same weights). Row 1: the top 12 pixel rows (the background behind the horse);
+row 2: the right half (its head and forelegs). Tiles are 32x32 pixels enlarged by --zoom (default 4) with nearest
+neighbour, 2 pixels apart.
 
 ``samples`` / ``samples-vq``: the default / VQ-Diffusion model's sample grid, one row per CIFAR-10 class with its
 training caption ("a photo of a ..."), seeds 0-7, the model's own sampling defaults (the VQ-Diffusion model in 25

@@ -36,12 +36,12 @@ def test_vq_default_keeps_every_class_caption_token():
 
 def test_default_model_samples_with_its_sweep_winner():
     """The embedded model's config names the sampler and steps its sampler sweep found best, and the guidance
-    interval and scale of BENCHMARKS.md's "Guidance in a limited interval" (v1.4: v1.3's weights)."""
+    interval and scale of BENCHMARKS.md's "Guidance in a limited interval" (v1.5: v1.3's weights)."""
     pipe = latentdiff.load_pipeline("default")
     assert (pipe.config.sampler, pipe.config.steps) == ("euler_a", 10)
     assert (pipe.default_sampler, pipe.default_steps) == ("euler_a", 10)
-    assert (pipe.config.guidance_scale, pipe.config.guidance_interval) == (7.0, [0.28, 5.42])
+    assert (pipe.config.guidance_scale, pipe.config.guidance_interval) == (11.0, [0.0, 2.5])
     _, params = pipe.generate(["a photo of a cat"], steps=2, seed=0)
-    assert params[0].guidance_interval == (0.28, 5.42) and "Guidance interval: 0.28/5.42" in params[0].to_text()
+    assert params[0].guidance_interval == (0.0, 2.5) and "Guidance interval: 0/2.5" in params[0].to_text()
     _, meta = read_safetensors(EMBEDDED_MODELS["default"])
-    assert "compact_rows" in meta and meta["name"] == "latentdiff-cifar10-v1.4"
+    assert "compact_rows" in meta and meta["name"] == "latentdiff-cifar10-v1.5"

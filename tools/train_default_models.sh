@@ -49,7 +49,7 @@ options:
   --vqvae-config FILE     default: configs/cifar10_vqvae.yaml
   --vqd-config FILE       default: configs/cifar10_vq_diffusion.yaml
   --init FILE             the finetune stream's starting model (default: latentdiff/assets/default.safetensors,
-                          the shipped v1.4, whose weights are v1.3's; v1.3 was made from v1.2, see BENCHMARKS.md)
+                          the shipped v1.5, whose weights are v1.3's; v1.3 was made from v1.2, see BENCHMARKS.md)
   --set KEY=VALUE         passed to every tools/train.py call (repeatable), e.g. --set device=cpu; a path in
                           VALUE is read from the repository root (the other options' paths from the current folder)
   --smoke                 a check of this script in minutes, e.g. on a CPU: the configs/train_tiny_*.yaml
@@ -182,9 +182,9 @@ second_stage() {
 
 continuous() {
     train "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$AE_MINUTES"
-    # v1.3's sampling defaults (tools/quality_run.sh also scores v1.4's guidance interval on the new model): an
-    # epsilon model trained for minutes fails with DDIM, the config's default sampler, and does best with Euler
-    # ancestral (BENCHMARKS.md, "Diffusion objective")
+    # v1.3's sampling defaults (tools/quality_run.sh also scores the embedded model's guidance interval on the new
+    # model): an epsilon model trained for minutes fails with DDIM, the config's default sampler, and does best with
+    # Euler ancestral (BENCHMARKS.md, "Diffusion objective")
     second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
         autoencoder_checkpoint --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
 }

@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
 def sample_grid(pipe, vq: bool) -> Image.Image:
     """One row of 8 images (seeds 0-7) per CIFAR-10 class caption, as txt2img's grid PNG tiles them."""
     from latentdiff.io.images import make_grid
-    from latentdiff.metrics.t2i import CIFAR10_CLASSES, CLASS_TEMPLATE, class_prompts
+    from latentdiff.metrics.t2i import CIFAR10_CLASSES, class_prompts
 
-    captions = class_prompts(CIFAR10_CLASSES, len(CIFAR10_CLASSES), CLASS_TEMPLATE).captions
+    captions = class_prompts(CIFAR10_CLASSES, len(CIFAR10_CLASSES)).captions  # the training captions
     images = [im for caption in captions
               for im in pipe(caption, seed=0, num_images_per_prompt=8, **({"steps": 25} if vq else {}))]
     return make_grid(images, cols=8)

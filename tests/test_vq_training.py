@@ -126,3 +126,30 @@ def test_a_checkpoint_without_a_vqvae_is_refused(runs, tmp_path):
     path = save_model_file(tmp_path / "no_vqvae.safetensors", cfg, {"transformer": parts["transformer"]})
     with pytest.raises(ValueError, match="holds no 'vqvae' weights"):
         build_objective(load_train_config(VQ_DIFFUSION, [f"objective.vqvae_checkpoint={path}"]))
+
+
+def test_the_anneal_config_continues_the_embedded_model_with_its_autoencoder_frozen(tmp_path):
+    """configs/cifar10_vq_diffusion_anneal.yaml (how v1.2 was made): init_from the embedded VQ-Diffusion file, its
+    transformer and text encoder train, its VQ autoencoder (and so every code) stays as it was, and the learning
+    rate falls on a cosine to 0 over the --max-minutes budget."""
+    from latentdiff.assets import EMBEDDED_MODELS
+    from tests.tiny import ROOT, make_shards
+
+    config = ROOT / "configs" / "cifar10_vq_diffusion_anneal.yaml"
+    embedded = EMBEDDED_MODELS["default-vq"]
+    raw = load_train_config(config, [])
+    assert raw.init_from == raw.objective.vqvae_checkpoint == "latentdiff/assets/default_vq.safetensors"
+    assert (raw.optim.decay, raw.optim.min_lr_ratio, raw.optim.decay_over) == ("cosine", 0.0, "time")
+    shards = make_shards(tmp_path / "shards", 8, size=32)
+    cfg = load_train_config(config, [f"data.shards={shards}", f"init_from={embedded}",
+                                     f"objective.vqvae_checkpoint={embedded}", "data.batch_size=4",
+                                     "data.num_workers=0", "steps=2", "optim.warmup_steps=1", "sample_every=0",
+                                     "log_every=1", "checkpoint_every=100", "device=cpu", "precision=fp32"])
+    trainer = Trainer(cfg, tmp_path / "run", resume="none", progress=False, max_minutes=60)
+    assert trainer.schedulers["main"].lr_lambdas[0](1) == 1.0  # after the warmup, at the start of the budget
+    trainer.run()
+    src_cfg, src, _ = load_model_file(embedded)
+    out_cfg, out, _ = load_model_file(tmp_path / "run" / "model.safetensors")
+    assert all(torch.equal(v.float(), out["vqvae"][k].float()) for k, v in src["vqvae"].items())
+    assert any(not torch.equal(v.float(), out["transformer"][k]) for k, v in src["transformer"].items())
+    assert (out_cfg.guidance_scale, out_cfg.truncation_rate) == (src_cfg.guidance_scale, src_cfg.truncation_rate)

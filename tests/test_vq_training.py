@@ -129,9 +129,9 @@ def test_a_checkpoint_without_a_vqvae_is_refused(runs, tmp_path):
 
 
 def test_the_anneal_config_continues_the_embedded_model_with_its_autoencoder_frozen(tmp_path):
-    """configs/cifar10_vq_diffusion_anneal.yaml (how v1.2 was made): init_from the embedded VQ-Diffusion file, its
-    transformer and text encoder train, its VQ autoencoder (and so every code) stays as it was, and the learning
-    rate falls on a cosine to 0 over the --max-minutes budget."""
+    """configs/cifar10_vq_diffusion_anneal.yaml (how v1.2 and v1.3 were made): init_from the embedded VQ-Diffusion
+    file, its transformer and text encoder train, its VQ autoencoder (and so every code) stays as it was, and the
+    learning rate falls on a cosine to 0 over the --max-minutes budget."""
     from latentdiff.assets import EMBEDDED_MODELS
     from tests.tiny import ROOT, make_shards
 

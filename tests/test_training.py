@@ -121,6 +121,33 @@ def test_discriminator_and_lpips():
         LPIPS.from_files("/nonexistent/vgg.pth", "/nonexistent/vgg16.pth")
 
 
+def test_discriminator_warmup_trains_only_the_discriminator(tmp_path, tiny_shards):
+    """objective.disc_warmup: for its steps from disc_start on, the loss is L_D alone, so a decoder fine-tune (here
+    of a tiny VQ autoencoder's file) keeps every weight while the fresh discriminator learns; then both train."""
+    vq_config, shards = CONFIGS / "train_tiny_vqvae.yaml", tiny_shards(16)
+    common = [f"data.shards={shards}", "sample_every=0", "log_every=1", "checkpoint_every=100"]
+    Trainer(load_train_config(vq_config, [*common, "steps=1"]), tmp_path / "src", resume="none",
+            progress=False).run()
+    source = tmp_path / "src" / "model.safetensors"
+    _, src, _ = load_model_file(source)
+    finetune = [*common, f"init_from={source}", "objective.train_decoder_only=true", "objective.disc_start=0",
+                "objective.disc_warmup=2"]
+    for steps in (2, 3):
+        trainer = Trainer(load_train_config(vq_config, [*finetune, f"steps={steps}"]), tmp_path / f"ft{steps}",
+                          resume="none", progress=False)
+        d_before = {k: v.clone() for k, v in trainer.objective.discriminator.state_dict().items()}
+        trainer.run()
+        d_after = trainer.objective.discriminator.state_dict()
+        assert any(not torch.equal(d_before[k], d_after[k]) for k in d_before)  # D learned in every run
+        _, out, _ = load_model_file(tmp_path / f"ft{steps}" / "model.safetensors")
+        changed = {k.split(".")[0] for k in src["vqvae"] if not torch.equal(src["vqvae"][k], out["vqvae"][k])}
+        assert changed == (set() if steps == 2 else {"decoder", "post_quant_conv"})
+        rows = read_log(tmp_path / f"ft{steps}" / "log.jsonl")
+        assert [("d_loss" in r, "d_weight" in r) for r in rows] == [(True, False)] * 2 + [(True, True)] * (steps - 2)
+    with pytest.raises(ValueError, match="objective.disc_warmup=2 needs a discriminator"):
+        load_train_config(vq_config, [*common, "objective.disc_weight=0", "objective.disc_warmup=2"])
+
+
 # -- the loop --------------------------------------------------------------------------------------------------
 
 

@@ -106,6 +106,7 @@ class _AutoencoderLossConfig:
     vgg_weights: str | None = None  # torchvision VGG16; null: torch hub cache checkpoints/vgg16-397923af.pth
     disc_weight: float = 0.0
     disc_start: int = 0  # optimizer step at which the adversarial terms switch on
+    disc_warmup: int = 0  # steps from disc_start on in which only the discriminator trains (the autoencoder rests)
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr: float | None = None  # null: optim.lr
@@ -117,8 +118,10 @@ class _AutoencoderLossConfig:
     def _check_common(self, kind: str, weights: tuple[str, ...]) -> None:
         check(self.type == kind, f"objective.type={self.type!r} must be {kind!r}")
         check_choice("objective.reconstruction", self.reconstruction, ("l1", "l2"))
-        for name in (*weights, "perceptual_weight", "disc_weight", "disc_start"):
+        for name in (*weights, "perceptual_weight", "disc_weight", "disc_start", "disc_warmup"):
             check(getattr(self, name) >= 0, f"objective.{name}={getattr(self, name)!r} must be >= 0")
+        check(self.disc_warmup == 0 or self.disc_weight > 0,
+              f"objective.disc_warmup={self.disc_warmup} needs a discriminator (objective.disc_weight > 0)")
         check_positive("objective.disc_layers", self.disc_layers)
         check_positive("objective.disc_channels", self.disc_channels)
         check(self.disc_lr is None or self.disc_lr > 0, f"objective.disc_lr={self.disc_lr!r} must be > 0")

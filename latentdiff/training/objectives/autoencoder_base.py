@@ -2,7 +2,10 @@
 network, optional LPIPS, an optional patch discriminator with its own optimizer, and the adversarial terms.
 
 From ``disc_start`` on, L_G = −E[D(x̂)] with D frozen, weighted by λ = adaptive weight (Eq. 7) × ``disc_weight``,
-and the discriminator's hinge loss L_D on (x, sg(x̂)); each gradient reaches only its own network.
+and the discriminator's hinge loss L_D on (x, sg(x̂)); each gradient reaches only its own network. For the first
+``disc_warmup`` of those steps L_D is the whole loss: a fresh discriminator learns to tell real images from the
+reconstructions of a decoder that is resting (a fine-tune of a decoder already trained against another D, whose
+new D otherwise gives no signal: BENCHMARKS.md, "Fine-tuning it further did not help").
 ``train_decoder_only`` freezes the encoder side (:func:`freeze_encoder_side`).
 """
 
@@ -40,7 +43,8 @@ class AutoencoderObjective(Objective):
             self.discriminator = PatchDiscriminator(network.decoder.conv_out.out_channels, cfg.disc_channels,
                                                     cfg.disc_layers)
             self.trainable["discriminator"] = self.discriminator
-            self.find_unused_parameters = cfg.disc_start > 0  # D is idle before disc_start
+            # D is idle before disc_start, the autoencoder during the warm-up
+            self.find_unused_parameters = cfg.disc_start > 0 or cfg.disc_warmup > 0
             size = model_cfg.image_size
             if size < self.discriminator.min_input_size():
                 raise ValueError(f"objective.disc_layers={cfg.disc_layers} needs images of at least "
@@ -60,22 +64,26 @@ class AutoencoderObjective(Objective):
             groups["discriminator"] = (list(self.discriminator.parameters()), overrides)
         return groups
 
-    def adversarial_loss(self, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor, step: int,
-                         logs: dict) -> torch.Tensor | float:
-        """λ · L_G + L_D from ``disc_start`` on (0 before); adds its terms to ``logs``."""
+    def total_loss(self, ae_loss: torch.Tensor, x: torch.Tensor, recon: torch.Tensor, rec_loss: torch.Tensor,
+                   step: int, logs: dict) -> torch.Tensor:
+        """The autoencoder's own loss ``ae_loss`` + λ · L_G + L_D from ``disc_start`` on (``ae_loss`` alone
+        before), L_D alone in the discriminator's warm-up; adds the adversarial terms to ``logs``."""
         cfg = self.cfg
         if not (cfg.disc_weight > 0 and step >= cfg.disc_start):
-            return 0.0
+            return ae_loss
         self.discriminator.requires_grad_(False)
         g_loss = -self.discriminator(recon).float().mean()
         self.discriminator.requires_grad_(True)
+        d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
+        if step < cfg.disc_start + cfg.disc_warmup:
+            logs.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
+            return d_loss
         if cfg.adaptive_weight and self.training and torch.is_grad_enabled():
             d_weight = adaptive_weight(rec_loss, g_loss, self.network.decoder.conv_out.weight) * cfg.disc_weight
         else:
             d_weight = torch.tensor(cfg.disc_weight, device=x.device)
-        d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
         logs.update(g_loss=g_loss.detach(), d_weight=d_weight, d_loss=d_loss.detach())
-        return d_weight * g_loss + d_loss
+        return ae_loss + d_weight * g_loss + d_loss
 
     def export(self):
         return self.model_cfg, {self.name: self.network}

@@ -13,8 +13,9 @@ output log-variance of 0).
    as in LDM, so ``kl_weight`` keeps its usual scale 1e-6).
 2. L_KL = KL(q(z|x) ‖ N(0, I)) summed per image, averaged over the batch.
 3. From ``disc_start`` on: L_G = −E[D(x̂)], and the discriminator's hinge loss L_D on (x, sg(x̂)).
-4. Loss = L_rec + w_KL · L_KL + λ · L_G + L_D. The discriminator is frozen while L_G is computed, and x̂ is
-   detached for L_D, so each gradient reaches only its own network; separate optimizers step them.
+4. Loss = L_rec + w_KL · L_KL + λ · L_G + L_D (L_D alone in the first ``disc_warmup`` steps from
+   ``disc_start``). The discriminator is frozen while L_G is computed, and x̂ is detached for L_D, so each
+   gradient reaches only its own network; separate optimizers step them.
 """
 
 from __future__ import annotations
@@ -55,8 +56,7 @@ class AutoencoderKLObjective(AutoencoderObjective):
         kl = posterior.kl().float().mean()
         loss = rec_loss + cfg.kl_weight * kl
         logs["kl"] = kl.detach()
-        loss = loss + self.adversarial_loss(x, recon, rec_loss, step, logs)  # 3.-4.
-        return loss, logs
+        return self.total_loss(loss, x, recon, rec_loss, step, logs), logs  # 3.-4.
 
     @torch.no_grad()
     def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:

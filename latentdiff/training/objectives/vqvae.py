@@ -16,7 +16,8 @@ optionally with LPIPS and a patch-GAN (the VQGAN recipe of Esser et al., 2021, "
 2. L_rec = mean |x − x̂| (``l1``) or mean (x − x̂)² (``l2``) over pixels, + w_p · LPIPS(x, x̂) (taming's per-pixel
    means, so L_rec and L_VQ share one scale).
 3. From ``disc_start`` on: L_G = −E[D(x̂)] and the discriminator's hinge loss L_D on (x, sg(x̂)).
-4. Loss = L_rec + ``vq_weight`` · L_VQ + λ · L_G + L_D; separate optimizers step the autoencoder and D.
+4. Loss = L_rec + ``vq_weight`` · L_VQ + λ · L_G + L_D (L_D alone in the first ``disc_warmup`` steps from
+   ``disc_start``); separate optimizers step the autoencoder and D.
 
 Logged besides the losses: codebook ``usage`` (share of the codes used by the batch) and ``perplexity``
 (exp of the entropy of the batch's code histogram; K for a uniformly used codebook of K codes).
@@ -54,8 +55,7 @@ class VQVAEObjective(AutoencoderObjective):
             rec_loss = rec_loss + cfg.perceptual_weight * p
             logs["lpips"] = p.detach()
         loss = rec_loss + cfg.vq_weight * vq_loss
-        loss = loss + self.adversarial_loss(x, recon, rec_loss, step, logs)  # steps 3-4
-        return loss, logs
+        return self.total_loss(loss, x, recon, rec_loss, step, logs), logs  # steps 3-4
 
     @torch.no_grad()
     def sample_images(self, batch: dict) -> tuple[torch.Tensor, int]:

@@ -106,7 +106,9 @@ class _AutoencoderLossConfig:
     vgg_weights: str | None = None  # torchvision VGG16; null: torch hub cache checkpoints/vgg16-397923af.pth
     disc_weight: float = 0.0
     disc_start: int = 0  # optimizer step at which the adversarial terms switch on
-    disc_warmup: int = 0  # steps from disc_start on in which only the discriminator trains (the autoencoder rests)
+    # steps from disc_start on in which only the discriminator learns: the autoencoder gets no gradient (a VQ EMA
+    # codebook still updates unless train_decoder_only freezes it)
+    disc_warmup: int = 0
     disc_layers: int = 3
     disc_channels: int = 64
     disc_lr: float | None = None  # null: optim.lr

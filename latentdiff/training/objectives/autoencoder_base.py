@@ -71,13 +71,13 @@ class AutoencoderObjective(Objective):
         cfg = self.cfg
         if not (cfg.disc_weight > 0 and step >= cfg.disc_start):
             return ae_loss
+        d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
+        if step < cfg.disc_start + cfg.disc_warmup:
+            logs["d_loss"] = d_loss.detach()
+            return d_loss
         self.discriminator.requires_grad_(False)
         g_loss = -self.discriminator(recon).float().mean()
         self.discriminator.requires_grad_(True)
-        d_loss = hinge_d_loss(self.discriminator(x.detach()).float(), self.discriminator(recon.detach()).float())
-        if step < cfg.disc_start + cfg.disc_warmup:
-            logs.update(g_loss=g_loss.detach(), d_loss=d_loss.detach())
-            return d_loss
         if cfg.adaptive_weight and self.training and torch.is_grad_enabled():
             d_weight = adaptive_weight(rec_loss, g_loss, self.network.decoder.conv_out.weight) * cfg.disc_weight
         else:

@@ -14,10 +14,11 @@ import latentdiff
 from latentdiff.cli import train as train_cli
 from latentdiff.config import load_train_config
 from latentdiff.io.checkpoint import load_model_file
+from latentdiff.metrics.classifier import CifarClassifier, save_classifier
 from latentdiff.training.ema import EMA
 from latentdiff.training.logging import LossLog, read_log
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, hinge_d_loss
-from latentdiff.training.objectives.perceptual import LPIPS
+from latentdiff.training.objectives.perceptual import LPIPS, ClassifierFeatureDistance
 from latentdiff.training.optim import lr_lambda
 from latentdiff.training.state import capture_rng, list_checkpoints, load_checkpoint, restore_rng
 from latentdiff.training.trainer import NonFiniteError, Trainer
@@ -119,6 +120,57 @@ def test_discriminator_and_lpips():
     assert torch.equal(lpips(x, x), torch.zeros(2)) and (lpips(x, y).abs() > 0).all()
     with pytest.raises(ValueError, match="perceptual_weight=0"):
         LPIPS.from_files("/nonexistent/vgg.pth", "/nonexistent/vgg16.pth")
+
+
+def test_classifier_feature_distance_is_lpips_baseline_on_the_classifiers_activations():
+    """Σ_l mean_hw Σ_c (n_l(x) − n_l(y))², n_l the channel-unit-normalised activations the classifier computes after
+    its whitening layer (GELU) and after each block, read here by forward hooks on the classifier itself."""
+    torch.manual_seed(0)
+    clf = CifarClassifier([f"c{i}" for i in range(3)], widths=(8, 16)).eval()
+    taken = []
+    clf.whiten.register_forward_hook(lambda m, i, o: taken.append(torch.nn.functional.gelu(o)))
+    for block in clf.blocks:
+        block.register_forward_hook(lambda m, i, o: taken.append(o))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        clf(x), clf(y)
+    feats_x, feats_y = taken[:3], taken[3:]
+    unit = [(a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)) for a, b in zip(feats_x, feats_y)]
+    expected = sum((a - b).pow(2).sum(dim=1).mean(dim=(1, 2)) for a, b in unit)
+    dist = ClassifierFeatureDistance(clf)
+    taken.clear()
+    torch.testing.assert_close(dist(x, y), expected, rtol=1e-4, atol=1e-6)
+    assert torch.equal(dist(x, x), torch.zeros(2)) and not any(p.requires_grad for p in dist.parameters())
+    y.requires_grad_(True)
+    dist(x, y).sum().backward()
+    assert y.grad.abs().sum() > 0  # the gradient reaches the reconstruction
+    assert dist.train().training is False  # frozen batch norms
+    assert dist(x[:, :, :20, :20], y[:, :, :20, :20].detach()).shape == (2,)  # resized to the classifier's size
+
+
+def test_autoencoder_trains_with_a_classifier_perceptual_loss(tmp_path, tiny_shards):
+    """objective.perceptual_classifier: the perceptual term on a classifier file's features (no VGG16 needed); the
+    classifier stays frozen and is not part of the exported model."""
+    clf_path = tmp_path / "percept.safetensors"
+    save_classifier(CifarClassifier([f"c{i}" for i in range(3)], widths=(8, 8), image_size=16), clf_path)
+    shards = tiny_shards(16)
+    cfg = load_train_config(AE_CONFIG, [f"data.shards={shards}", "sample_every=0", "log_every=1", "steps=2",
+                                        "checkpoint_every=100", "objective.perceptual_weight=1.0",
+                                        f"objective.perceptual_classifier={clf_path}"])
+    trainer = Trainer(cfg, tmp_path / "run", resume="none", progress=False)
+    clf_before = {k: v.clone() for k, v in trainer.objective.lpips.state_dict().items()}
+    trainer.run()
+    assert all(torch.equal(v, trainer.objective.lpips.state_dict()[k]) for k, v in clf_before.items())
+    rows = read_log(tmp_path / "run" / "log.jsonl")
+    assert len(rows) == 2 and all(r["lpips"] > 0 for r in rows)
+    _, tensors, _ = load_model_file(tmp_path / "run" / "model.safetensors")
+    assert set(tensors) == {"autoencoder"}
+    with pytest.raises(ValueError, match="needs objective.perceptual_weight > 0"):
+        load_train_config(AE_CONFIG, [f"objective.perceptual_classifier={clf_path}"])
+    with pytest.raises(ValueError, match="not found"):
+        Trainer(load_train_config(AE_CONFIG, [f"data.shards={shards}", "objective.perceptual_weight=1.0",
+                                              "objective.perceptual_classifier=/nonexistent.safetensors"]),
+                tmp_path / "bad", resume="none", progress=False)
 
 
 def test_discriminator_warmup_trains_only_the_discriminator(tmp_path, tiny_shards):

@@ -104,6 +104,9 @@ class _AutoencoderLossConfig:
     perceptual_weight: float = 0.0  # LPIPS; needs local weights (see training/objectives/perceptual.py)
     lpips_weights: str | None = None  # LPIPS linear layers (lpips' vgg.pth); null: the lpips package's copy
     vgg_weights: str | None = None  # torchvision VGG16; null: torch hub cache checkpoints/vgg16-397923af.pth
+    # a latentdiff classifier file: the perceptual distance on its features instead of VGG16's (no weights needed
+    # beyond it; LPIPS's baseline weighting, training/objectives/perceptual.py)
+    perceptual_classifier: str | None = None
     disc_weight: float = 0.0
     disc_start: int = 0  # optimizer step at which the adversarial terms switch on
     # steps from disc_start on in which only the discriminator learns: the autoencoder gets no gradient (a VQ EMA
@@ -122,6 +125,8 @@ class _AutoencoderLossConfig:
         check_choice("objective.reconstruction", self.reconstruction, ("l1", "l2"))
         for name in (*weights, "perceptual_weight", "disc_weight", "disc_start", "disc_warmup"):
             check(getattr(self, name) >= 0, f"objective.{name}={getattr(self, name)!r} must be >= 0")
+        check(self.perceptual_classifier is None or self.perceptual_weight > 0,
+              f"objective.perceptual_classifier={self.perceptual_classifier!r} needs objective.perceptual_weight > 0")
         check(self.disc_warmup == 0 or self.disc_weight > 0,
               f"objective.disc_warmup={self.disc_warmup} needs a discriminator (objective.disc_weight > 0)")
         check_positive("objective.disc_layers", self.disc_layers)

@@ -17,7 +17,7 @@ from torch import nn
 from latentdiff.models.autoencoder_blocks import DECODER_SIDE
 from latentdiff.training.objectives import Objective, freeze
 from latentdiff.training.objectives.discriminator import PatchDiscriminator, adaptive_weight, hinge_d_loss
-from latentdiff.training.objectives.perceptual import LPIPS
+from latentdiff.training.objectives.perceptual import LPIPS, ClassifierFeatureDistance
 
 
 class AutoencoderObjective(Objective):
@@ -37,7 +37,8 @@ class AutoencoderObjective(Objective):
         if cfg.train_decoder_only:
             self.frozen.update(freeze_encoder_side(network, name))
         if cfg.perceptual_weight > 0:
-            self.lpips = LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights)
+            self.lpips = (ClassifierFeatureDistance.from_file(cfg.perceptual_classifier) if cfg.perceptual_classifier
+                          else LPIPS.from_files(cfg.lpips_weights, cfg.vgg_weights))
             self.frozen["lpips"] = self.lpips
         if cfg.disc_weight > 0:
             self.discriminator = PatchDiscriminator(network.decoder.conv_out.out_channels, cfg.disc_channels,

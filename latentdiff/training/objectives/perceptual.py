@@ -1,5 +1,6 @@
 """LPIPS perceptual distance (Zhang et al., 2018, "The Unreasonable Effectiveness of Deep Features", Eq. 1),
-VGG16 variant, as used by the LDM/taming autoencoder losses.
+VGG16 variant, as used by the LDM/taming autoencoder losses, and the same distance on the features of a
+latentdiff CIFAR classifier (:class:`ClassifierFeatureDistance`) for machines without VGG16's weights.
 
 d(x, x̂) = Σ_l mean_hw ‖ w_l ⊙ (ŷ_l − ŷ̂_l) ‖²,  ŷ_l = unit-normalised (over channels) VGG16 activations at
 relu1_2, relu2_2, relu3_3, relu4_3, relu5_3, and w_l learned per-channel weights (1x1 convolutions, no bias).
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from latentdiff.io.checkpoint import read_state_dict
+from latentdiff.metrics.classifier import CifarClassifier, load_classifier
 
 CHANNELS = (64, 128, 256, 512, 512)
 SLICES = (4, 9, 16, 23, 30)  # ends of the relu1_2 ... relu5_3 blocks in torchvision's vgg16().features
@@ -83,10 +85,50 @@ class LPIPS(nn.Module):
         for end, lin in zip(SLICES, self.lins):
             h = self.features[start:end](h)  # (2B, C_l, H_l, W_l)
             start = end
-            n = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)  # unit norm over channels
-            diff = (n[:B] - n[B:]).pow(2)  # (B, C_l, H_l, W_l)
-            dist = dist + lin(diff).mean(dim=(1, 2, 3))  # (B,)
+            dist = dist + lin(_squared_unit_difference(h, B)).mean(dim=(1, 2, 3))  # (B,)
         return dist
+
+
+class ClassifierFeatureDistance(nn.Module):
+    """LPIPS's Eq. 1 with every w_l = 1 (the paper's untrained "baseline" weighting) on the activations of a
+    latentdiff CIFAR classifier (``tools/train_classifier.py``) instead of VGG16: after its whitening layer and after
+    each of its blocks (31², 15², 7², 3² for 32-px images). (B, 3, H, W) pairs in [-1, 1] -> (B,); frozen.
+    Use a classifier other than the one that judges class accuracy, or that score is no longer independent."""
+
+    def __init__(self, classifier: CifarClassifier):
+        super().__init__()
+        self.classifier = classifier
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_file(cls, path: str) -> ClassifierFeatureDistance:
+        if not Path(path).is_file():
+            raise ValueError(f"objective.perceptual_classifier={path!r} not found (a file written by "
+                             "tools/train_classifier.py)")
+        return cls(load_classifier(path))
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # always frozen (batch norms in eval mode)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = self.classifier
+        B, S = x.shape[0], c.image_size
+        h = torch.cat([x, y])  # (2B, 3, H, W)
+        if h.shape[-2:] != (S, S):
+            h = nn.functional.interpolate(h, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+        h = nn.functional.gelu(c.whiten((h - c.mean) / c.std))  # (2B, 24, S - 1, S - 1)
+        dist = _squared_unit_difference(h, B).sum(dim=1).mean(dim=(1, 2))  # (B,)
+        for block in c.blocks:
+            h = block(h)  # (2B, C_l, H_l, W_l)
+            dist = dist + _squared_unit_difference(h, B).sum(dim=1).mean(dim=(1, 2))
+        return dist
+
+
+def _squared_unit_difference(h: torch.Tensor, B: int) -> torch.Tensor:
+    """(2B, C, H, W) features of B pairs -> (B, C, H, W) squared difference of the channel-unit-normalised halves."""
+    n = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+    return (n[:B] - n[B:]).pow(2)
 
 
 def _packaged_lpips_weights() -> Path | None:

@@ -92,8 +92,8 @@ class LPIPS(nn.Module):
 class ClassifierFeatureDistance(nn.Module):
     """LPIPS's Eq. 1 with every w_l = 1 (the paper's untrained "baseline" weighting) on the activations of a
     latentdiff CIFAR classifier (``tools/train_classifier.py``) instead of VGG16: after its whitening layer and after
-    each of its blocks (31², 15², 7², 3² for 32-px images). (B, 3, H, W) pairs in [-1, 1] -> (B,); frozen.
-    Use a classifier other than the one that judges class accuracy, or that score is no longer independent."""
+    each of its blocks (airbench94's on 32-px images: 31², 15², 7², 3²). (B, 3, H, W) pairs in [-1, 1] -> (B,).
+    Frozen. Use a classifier other than the one that judges class accuracy, or that score is no longer independent."""
 
     def __init__(self, classifier: CifarClassifier):
         super().__init__()

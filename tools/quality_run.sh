@@ -16,6 +16,11 @@ is reported and the stages that do not need its output still run. Stages (--skip
   judge     tools/train_classifier.py --preset airbench94 --half on the training shards, scored on the test
             shards -> OUTDIR/judge/cifar10_classifier.safetensors (its test accuracy and the embedded judge's in
             summary.md)
+  percept   the decoder fine-tunes' perceptual network: tools/train_classifier.py --preset airbench94 --seed 1
+            (not the judge's seed 0) on the training shards -> OUTDIR/percept/classifier.safetensors, given to the
+            train stage as tools/train_default_models.sh --perceptual-classifier (as v1.4 of the embedded VQ model
+            was made); without it (--skip percept and no such file from an earlier run) no perceptual term; run
+            only with the train stage
   rfid-old  tools/rfid.py default default-vq: rFID, PSNR and codebook use of the embedded autoencoders on TEST
             (those of --streams: continuous -> default, discrete -> default-vq) -> OUTDIR/rfid/embedded.json, .md
   train     tools/train_default_models.sh --streams STREAMS (side by side) -> OUTDIR/runs/ (model-fp16.safetensors
@@ -74,7 +79,8 @@ options:
                           embedded one; 25 for VQ-Diffusion models, as BENCHMARKS.md's tables)
   --batch-size N          eval's images per generation batch (default: 1000)
   --precision P           eval's precision: fp32, bf16 or fp16 (default: fp32, as BENCHMARKS.md's tables)
-  --skip LIST             comma-separated stages not to run: stats, judge, rfid-old, train, rfid-new, eval
+  --skip LIST             comma-separated stages not to run: stats, judge, percept, rfid-old, train, rfid-new,
+                          eval
   --device DEV            default: cuda (must be available unless DEV is cpu)
   --smoke                 a check of this script in minutes (with --device cpu): tiny training configs
                           (tools/train_default_models.sh --smoke), a tiny judge on 200 images, rfid and eval
@@ -96,7 +102,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/script_common.sh"
 whole() { [[ $2 =~ ^0*[1-9][0-9]*$ ]] || die "$1 must be a positive whole number, got '$2'"; }
 minutes() { [[ $2 =~ ^[0-9]+([.][0-9]+)?$ && $2 =~ [1-9] ]] || die "$1 must be a positive number, got '$2'"; }
 
-STAGES="stats judge rfid-old train rfid-new eval"
+STAGES="stats judge percept rfid-old train rfid-new eval"
 TRAIN_SOURCE=
 TEST_SOURCE=
 SHARDS=$ROOT/data/cifar10-train-shards
@@ -164,6 +170,9 @@ for s in $SKIP; do [[ " $STAGES " == *" $s "* ]] || die "--skip: unknown stage '
 RUN=()
 for s in $STAGES; do [[ " $SKIP " == *" $s "* ]] || RUN+=("$s"); done
 runs() { [[ " ${RUN[*]} " == *" $1 "* ]]; }
+if ! runs train; then  # the perceptual network serves the train stage only
+    kept=(); for s in "${RUN[@]}"; do [ "$s" = percept ] || kept+=("$s"); done; RUN=(${kept[@]+"${kept[@]}"})
+fi
 STREAMS=${STREAMS//,/ }
 [ -n "${STREAMS// /}" ] || die "--streams is empty"
 for s in $STREAMS; do
@@ -174,14 +183,15 @@ done
 [ -z "$INCEPTION" ] || [ -f "$INCEPTION" ] || die "--inception-weights: no file $INCEPTION"
 [ -z "$TRAIN_SOURCE" ] || [ -e "$TRAIN_SOURCE" ] || die "--train-source: $TRAIN_SOURCE does not exist"
 [ -z "$TEST_SOURCE" ] || [ -e "$TEST_SOURCE" ] || die "--test-source: $TEST_SOURCE does not exist"
-if { runs judge || runs train; } && [ ! -f "$SHARDS/manifest.json" ] && [ -z "$TRAIN_SOURCE" ]; then
+if { runs judge || runs percept || runs train; } && [ ! -f "$SHARDS/manifest.json" ] && [ -z "$TRAIN_SOURCE" ]; then
     die "no training shards in $SHARDS (no manifest.json): give --train-source PATH/cifar10-train.tar.gz to make \
 them, or --shards DIR (CIFAR-10: see BENCHMARKS.md, 'Data')"
 fi
 if [ -n "$REFERENCE" ] || [ "$NO_FID" = 1 ]; then  # no statistics to compute
     kept=(); for s in "${RUN[@]}"; do [ "$s" = stats ] || kept+=("$s"); done; RUN=(${kept[@]+"${kept[@]}"})
 fi
-[ ${#RUN[@]} -gt 0 ] || die "nothing to run: --skip names every stage (stats is not run with --reference or --no-fid)"
+[ ${#RUN[@]} -gt 0 ] || die "nothing to run: --skip names every stage (stats is not run with --reference or \
+--no-fid, percept not without train)"
 TEST_IMAGES=${TEST_SOURCE:-$TEST_SHARDS}  # the real test images of stats and rfid
 if runs judge && [ ! -f "$TEST_SHARDS/manifest.json" ] && [ -z "$TEST_SOURCE" ]; then
     die "no test shards in $TEST_SHARDS (no manifest.json): give --test-source PATH/cifar10-test.tar.gz or \
@@ -278,7 +288,7 @@ failed() { [[ " ${FAILED[*]} " == *" $1 "* ]]; }
 
 make_shards() {  # both splits side by side, those missing
     local pids=() code=0
-    if { runs judge || runs train; } && [ ! -f "$SHARDS/manifest.json" ]; then
+    if { runs judge || runs percept || runs train; } && [ ! -f "$SHARDS/manifest.json" ]; then
         "$PYTHON" tools/make_shards.py "$TRAIN_SOURCE" "$SHARDS" --quiet --overwrite & pids+=($!)
     fi
     if [ -n "$TEST_SOURCE" ] && [ ! -f "$TEST_SHARDS/manifest.json" ] && runs judge; then
@@ -295,6 +305,13 @@ judge() {
         ${JUDGE_SIZE[@]+"${JUDGE_SIZE[@]}"}
 }
 
+PERCEPT=$OUTDIR/percept/classifier.safetensors
+percept() {  # a second airbench94, another seed: the judge stays independent of what the decoders were trained on
+    mkdir -p "$OUTDIR/percept"
+    "$PYTHON" tools/train_classifier.py --preset airbench94 --seed 1 --device "$DEVICE" --shards "$SHARDS" \
+        --out "$PERCEPT" --overwrite --quiet --half ${JUDGE_SIZE[@]+"${JUDGE_SIZE[@]}"}
+}
+
 rfid() {  # rfid OUT_NAME MODEL...
     local out=$OUTDIR/rfid/$1.json
     shift
@@ -305,7 +322,10 @@ rfid() {  # rfid OUT_NAME MODEL...
 }
 
 train() {
+    local perceptual=()
+    if [ -f "$PERCEPT" ] && ! failed percept; then perceptual=(--perceptual-classifier "$PERCEPT"); fi
     PYTHON=$PYTHON bash tools/train_default_models.sh --streams "${STREAMS// /,}" --shards "$SHARDS" \
+        ${perceptual[@]+"${perceptual[@]}"} \
         --ae-minutes "$AE_MINUTES" --diffusion-minutes "$DIFFUSION_MINUTES" --decoder-minutes "$DECODER_MINUTES" \
         ${TRAIN_ARGS[@]+"${TRAIN_ARGS[@]}"} ${TRAIN_DEVICE[@]+"${TRAIN_DEVICE[@]}"} \
         ${TRAIN_SMOKE[@]+"${TRAIN_SMOKE[@]}"} "$OUTDIR/runs" || return 1
@@ -415,7 +435,7 @@ evaluate() {  # the old and new models with the new judge when there is one, the
 
 # ---- the stages -----------------------------------------------------------------------------------------------
 need_shards=0
-if { runs judge || runs train; } && [ ! -f "$SHARDS/manifest.json" ]; then need_shards=1; fi
+if { runs judge || runs percept || runs train; } && [ ! -f "$SHARDS/manifest.json" ]; then need_shards=1; fi
 if runs judge && [ ! -f "$TEST_SHARDS/manifest.json" ]; then need_shards=1; fi
 if [ $need_shards = 1 ]; then stage shards make_shards; fi
 failed shards && echo "the stages that need the shards will fail too"
@@ -424,6 +444,7 @@ for s in $STAGES; do
     if ! runs "$s"; then
         if [ "$s" = stats ] && [ -n "$REFERENCE" ]; then not_run stats "reused --reference $REFERENCE"
         elif [ "$s" = stats ] && [ "$NO_FID" = 1 ]; then not_run stats "not run (--no-fid)"
+        elif [ "$s" = percept ] && [[ " $SKIP " != *" percept "* ]]; then not_run percept "not run (no train stage)"
         else not_run "$s" "skipped (--skip)"; fi
         continue
     fi
@@ -431,6 +452,7 @@ for s in $STAGES; do
         stats) stage stats "$PYTHON" tools/fid.py --save-stats "$TEST_IMAGES" "$STATS" --overwrite --device "$DEVICE" \
                    --batch-size 200 "${QUIET[@]}" ${FID_ARGS[@]+"${FID_ARGS[@]}"} ${SUBSET[@]+"${SUBSET[@]}"} ;;
         judge) stage judge judge ;;
+        percept) stage percept percept ;;
         rfid-old) mapfile -t aes < <(old_autoencoders); stage rfid-old rfid embedded "${aes[@]}" ;;
         train) stage train train ;;
         rfid-new) mapfile -t aes < <(new_autoencoders); stage rfid-new rfid new "${aes[@]}" ;;

@@ -43,6 +43,11 @@ options:
                           new autoencoder, the patch GAN from step 0, lr 1e-4; the packed model takes that decoder
                           (tools/pack_model.py --decoder), as v1.3 of the default model did (default: the
                           --diffusion-minutes; 0: no fine-tune, the autoencoder's own decoder)
+  --perceptual-classifier FILE
+                          every decoder fine-tune (all three streams) adds a perceptual term on this classifier's
+                          features (tools/train_classifier.py; objective.perceptual_weight=0.1,
+                          objective.perceptual_classifier=FILE), as v1.4 of the embedded VQ model was made (default:
+                          none; use a classifier other than the judge that scores class accuracy)
   --ae-config FILE        default: configs/cifar10_autoencoder_gpu.yaml (8x8x8 latents; the 16x16x8 alternative,
                           which learned far less at equal compute on the CPU: configs/cifar10_autoencoder_f2_gpu.yaml)
   --ldm-config FILE       default: configs/cifar10_ldm_gpu.yaml (with the f2 one: configs/cifar10_ldm_f2_gpu.yaml)
@@ -79,6 +84,7 @@ LDM_CONFIG=$ROOT/configs/cifar10_ldm_gpu.yaml
 VQVAE_CONFIG=$ROOT/configs/cifar10_vqvae.yaml
 VQD_CONFIG=$ROOT/configs/cifar10_vq_diffusion.yaml
 INIT=$ROOT/latentdiff/assets/default.safetensors
+PERCEPTUAL=()  # --perceptual-classifier: the decoder fine-tunes' perceptual term
 SETS=()
 SMOKE=0
 OUTDIR=
@@ -96,6 +102,9 @@ while [ $# -gt 0 ]; do
         --vqvae-config) need "$1" $#; VQVAE_CONFIG=$(abspath "$2"); shift 2 ;;
         --vqd-config) need "$1" $#; VQD_CONFIG=$(abspath "$2"); shift 2 ;;
         --init) need "$1" $#; INIT=$(abspath "$2"); shift 2 ;;
+        --perceptual-classifier) need "$1" $#; [ -f "$2" ] || die "$1: no classifier file $2"
+            PERCEPTUAL=(--set objective.perceptual_weight=0.1 --set "objective.perceptual_classifier=$(abspath "$2")")
+            shift 2 ;;
         --set) need "$1" $#; SETS+=(--set "$2"); shift 2 ;;
         --smoke) SMOKE=1; shift ;;
         --) shift; [ $# -eq 1 ] || die "expected exactly one OUTDIR after --"; OUTDIR=$1; shift ;;
@@ -136,7 +145,8 @@ if [ "$SMOKE" = 1 ]; then
 fi
 
 ENV_LINES="command: tools/train_default_models.sh --streams ${STREAMS// /,} --ae-minutes $AE_MINUTES \
---diffusion-minutes $DIFFUSION_MINUTES --decoder-minutes $DECODER_MINUTES${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke' || true)"
+--diffusion-minutes $DIFFUSION_MINUTES --decoder-minutes $DECODER_MINUTES${PERCEPTUAL[*]:+ ${PERCEPTUAL[*]}}\
+${SETS[*]:+ ${SETS[*]}}$([ "$SMOKE" = 1 ] && echo ' --smoke' || true)"
 prepare_run cpu
 
 if [ ! -f "$SHARDS/manifest.json" ]; then
@@ -169,7 +179,8 @@ second_stage() {
     trainer=$!
     if [[ $DECODER_MINUTES =~ [1-9] ]]; then  # not 0 (nor 0.0)
         train "$ae_config" "$decoder_run" "$DECODER_MINUTES" --set "init_from=$ae" \
-            --set objective.train_decoder_only=true --set objective.disc_start=0 --set optim.lr=1.0e-4 &
+            --set objective.train_decoder_only=true --set objective.disc_start=0 --set optim.lr=1.0e-4 \
+            ${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"} &
         decoder_pid=$!
         decoder_args=(--decoder "$decoder_run/model.safetensors")
     fi
@@ -200,7 +211,7 @@ finetune() {  # the U-Net + text encoder and the decoder side by side, then one 
         --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
     local unet=$!
     train configs/cifar10_decoder_finetune_gpu.yaml "$OUTDIR/finetune_decoder" "$DIFFUSION_MINUTES" \
-        --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
+        --set "init_from=$INIT" ${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"} ${SMALL[@]+"${SMALL[@]}"} &
     local decoder=$!
     local status=0
     wait "$unet" || status=1

@@ -16,11 +16,11 @@ is reported and the stages that do not need its output still run. Stages (--skip
   judge     tools/train_classifier.py --preset airbench94 --half on the training shards, scored on the test
             shards -> OUTDIR/judge/cifar10_classifier.safetensors (its test accuracy and the embedded judge's in
             summary.md)
-  percept   the decoder fine-tunes' perceptual network: tools/train_classifier.py --preset airbench94 --seed 1
+  percept   the VQ decoder fine-tune's perceptual network: tools/train_classifier.py --preset airbench94 --seed 1
             (not the judge's seed 0) on the training shards -> OUTDIR/percept/classifier.safetensors, given to the
             train stage as tools/train_default_models.sh --perceptual-classifier (as v1.4 of the embedded VQ model
             was made); without it (--skip percept and no such file from an earlier run) no perceptual term; run
-            only with the train stage
+            only with the train stage and the discrete stream
   rfid-old  tools/rfid.py default default-vq: rFID, PSNR and codebook use of the embedded autoencoders on TEST
             (those of --streams: continuous -> default, discrete -> default-vq) -> OUTDIR/rfid/embedded.json, .md
   train     tools/train_default_models.sh --streams STREAMS (side by side) -> OUTDIR/runs/ (model-fp16.safetensors
@@ -170,7 +170,7 @@ for s in $SKIP; do [[ " $STAGES " == *" $s "* ]] || die "--skip: unknown stage '
 RUN=()
 for s in $STAGES; do [[ " $SKIP " == *" $s "* ]] || RUN+=("$s"); done
 runs() { [[ " ${RUN[*]} " == *" $1 "* ]]; }
-if ! runs train; then  # the perceptual network serves the train stage only
+if ! runs train || [[ " ${STREAMS//,/ } " != *" discrete "* ]]; then  # it serves the VQ decoder's training only
     kept=(); for s in "${RUN[@]}"; do [ "$s" = percept ] || kept+=("$s"); done; RUN=(${kept[@]+"${kept[@]}"})
 fi
 STREAMS=${STREAMS//,/ }
@@ -444,7 +444,8 @@ for s in $STAGES; do
     if ! runs "$s"; then
         if [ "$s" = stats ] && [ -n "$REFERENCE" ]; then not_run stats "reused --reference $REFERENCE"
         elif [ "$s" = stats ] && [ "$NO_FID" = 1 ]; then not_run stats "not run (--no-fid)"
-        elif [ "$s" = percept ] && [[ " $SKIP " != *" percept "* ]]; then not_run percept "not run (no train stage)"
+        elif [ "$s" = percept ] && [[ " $SKIP " != *" percept "* ]]; then
+            not_run percept "not run (no train stage or no discrete stream)"
         else not_run "$s" "skipped (--skip)"; fi
         continue
     fi

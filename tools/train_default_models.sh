@@ -44,10 +44,12 @@ options:
                           (tools/pack_model.py --decoder), as v1.3 of the default model did (default: the
                           --diffusion-minutes; 0: no fine-tune, the autoencoder's own decoder)
   --perceptual-classifier FILE
-                          every decoder fine-tune (all three streams) adds a perceptual term on this classifier's
+                          the discrete stream's decoder fine-tune adds a perceptual term on this classifier's
                           features (tools/train_classifier.py; objective.perceptual_weight=0.1,
                           objective.perceptual_classifier=FILE), as v1.4 of the embedded VQ model was made (default:
-                          none; use a classifier other than the judge that scores class accuracy)
+                          none; use a classifier other than the judge that scores class accuracy). Not the KL
+                          decoders: there the term improved reconstructions but worsened the generated images' FID
+                          (BENCHMARKS.md, "A perceptual loss does")
   --ae-config FILE        default: configs/cifar10_autoencoder_gpu.yaml (8x8x8 latents; the 16x16x8 alternative,
                           which learned far less at equal compute on the CPU: configs/cifar10_autoencoder_f2_gpu.yaml)
   --ldm-config FILE       default: configs/cifar10_ldm_gpu.yaml (with the f2 one: configs/cifar10_ldm_f2_gpu.yaml)
@@ -174,13 +176,14 @@ pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float
 second_stage() {
     local ae_config=$1 ae=$2/model.safetensors diffusion=$4 decoder_run=${2%/*}/$5 key=$6
     local pack_args=("${@:7}")
-    local decoder_args=() status=0 trainer decoder_pid=
+    local decoder_args=() perceptual=() status=0 trainer decoder_pid=
+    [ "$key" != vqvae_checkpoint ] || perceptual=(${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"})  # VQ decoders only (--help)
     train "$3" "$diffusion" "$DIFFUSION_MINUTES" --set "objective.$key=$ae" &
     trainer=$!
     if [[ $DECODER_MINUTES =~ [1-9] ]]; then  # not 0 (nor 0.0)
         train "$ae_config" "$decoder_run" "$DECODER_MINUTES" --set "init_from=$ae" \
             --set objective.train_decoder_only=true --set objective.disc_start=0 --set optim.lr=1.0e-4 \
-            ${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"} &
+            ${perceptual[@]+"${perceptual[@]}"} &
         decoder_pid=$!
         decoder_args=(--decoder "$decoder_run/model.safetensors")
     fi
@@ -211,7 +214,7 @@ finetune() {  # the U-Net + text encoder and the decoder side by side, then one 
         --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
     local unet=$!
     train configs/cifar10_decoder_finetune_gpu.yaml "$OUTDIR/finetune_decoder" "$DIFFUSION_MINUTES" \
-        --set "init_from=$INIT" ${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"} ${SMALL[@]+"${SMALL[@]}"} &
+        --set "init_from=$INIT" ${SMALL[@]+"${SMALL[@]}"} &
     local decoder=$!
     local status=0
     wait "$unet" || status=1

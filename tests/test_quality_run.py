@@ -121,8 +121,8 @@ def test_smoke_runs_the_stages_end_to_end(data, tmp_path):
     assert (tmp_path / "trs" / "manifest.json").is_file() and (tmp_path / "tes" / "manifest.json").is_file()
     status = {row.split("\t")[0]: row.split("\t")[1] for row in (outdir / "timings.tsv").read_text().splitlines()}
     assert status == {"shards": "done", "stats": "not run (--no-fid)", "judge": "done",
-                      "percept": "not run (no train stage or no discrete stream)", "rfid-old": "done", "train": "skipped (--skip)",
-                      "rfid-new": "done", "eval": "done"}
+                      "percept": "not run (no train stage or no discrete stream)", "rfid-old": "done",
+                      "train": "skipped (--skip)", "rfid-new": "done", "eval": "done"}
     for name in ("env.txt", "judge.log", "eval.log", "judge/cifar10_classifier.safetensors", "rfid/embedded.json",
                  "rfid/new.md"):
         assert (outdir / name).is_file(), name

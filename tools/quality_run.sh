@@ -19,8 +19,8 @@ is reported and the stages that do not need its output still run. Stages (--skip
   percept   the VQ decoder fine-tune's perceptual network: tools/train_classifier.py --preset airbench94 --seed 1
             (not the judge's seed 0) on the training shards -> OUTDIR/percept/classifier.safetensors, given to the
             train stage as tools/train_default_models.sh --perceptual-classifier (as v1.4 of the embedded VQ model
-            was made); without it (--skip percept and no such file from an earlier run) no perceptual term; run
-            only with the train stage and the discrete stream
+            was made; sized as the judge by --judge-epochs and --smoke); without it (--skip percept and no such
+            file from an earlier run) no perceptual term; run only with the train stage and the discrete stream
   rfid-old  tools/rfid.py default default-vq: rFID, PSNR and codebook use of the embedded autoencoders on TEST
             (those of --streams: continuous -> default, discrete -> default-vq) -> OUTDIR/rfid/embedded.json, .md
   train     tools/train_default_models.sh --streams STREAMS (side by side) -> OUTDIR/runs/ (model-fp16.safetensors
@@ -191,7 +191,7 @@ if [ -n "$REFERENCE" ] || [ "$NO_FID" = 1 ]; then  # no statistics to compute
     kept=(); for s in "${RUN[@]}"; do [ "$s" = stats ] || kept+=("$s"); done; RUN=(${kept[@]+"${kept[@]}"})
 fi
 [ ${#RUN[@]} -gt 0 ] || die "nothing to run: --skip names every stage (stats is not run with --reference or \
---no-fid, percept not without train)"
+--no-fid, percept not without train and the discrete stream)"
 TEST_IMAGES=${TEST_SOURCE:-$TEST_SHARDS}  # the real test images of stats and rfid
 if runs judge && [ ! -f "$TEST_SHARDS/manifest.json" ] && [ -z "$TEST_SOURCE" ]; then
     die "no test shards in $TEST_SHARDS (no manifest.json): give --test-source PATH/cifar10-test.tar.gz or \

@@ -169,15 +169,16 @@ pack() {  # pack MODEL_FILE OUT_FILE [more tools/pack_model.py arguments]: float
     "$PYTHON" tools/pack_model.py "$src" "$dst" --half --vocabulary "$SHARDS" --overwrite "$@"
 }
 
-# second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN DECODER_RUN_NAME CHECKPOINT_KEY: the diffusion model
-# on the new autoencoder's latents (or codes; objective.CHECKPOINT_KEY names that autoencoder) and, beside it
-# (--decoder-minutes > 0), that autoencoder's decoder alone in OUTDIR/DECODER_RUN_NAME; then the packed model, with
-# the fine-tuned decoder swapped in (and any further tools/pack_model.py arguments)
+# second_stage AE_CONFIG AE_RUN DIFFUSION_CONFIG DIFFUSION_RUN DECODER_RUN_NAME CHECKPOINT_KEY DECODER_LOSS: the
+# diffusion model on the new autoencoder's latents (or codes; objective.CHECKPOINT_KEY names that autoencoder) and,
+# beside it (--decoder-minutes > 0), that autoencoder's decoder alone in OUTDIR/DECODER_RUN_NAME, its loss with
+# --perceptual-classifier's term when DECODER_LOSS is "perceptual" (else "plain"); then the packed model, with the
+# fine-tuned decoder swapped in (and any further tools/pack_model.py arguments)
 second_stage() {
     local ae_config=$1 ae=$2/model.safetensors diffusion=$4 decoder_run=${2%/*}/$5 key=$6
-    local pack_args=("${@:7}")
+    local pack_args=("${@:8}")
     local decoder_args=() perceptual=() status=0 trainer decoder_pid=
-    [ "$key" != vqvae_checkpoint ] || perceptual=(${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"})  # VQ decoders only (--help)
+    [ "$7" != perceptual ] || perceptual=(${PERCEPTUAL[@]+"${PERCEPTUAL[@]}"})
     train "$3" "$diffusion" "$DIFFUSION_MINUTES" --set "objective.$key=$ae" &
     trainer=$!
     if [[ $DECODER_MINUTES =~ [1-9] ]]; then  # not 0 (nor 0.0)
@@ -200,13 +201,13 @@ continuous() {
     # model): an epsilon model trained for minutes fails with DDIM, the config's default sampler, and does best with
     # Euler ancestral (BENCHMARKS.md, "Diffusion objective")
     second_stage "$AE_CONFIG" "$OUTDIR/cifar10_autoencoder" "$LDM_CONFIG" "$OUTDIR/cifar10_ldm" cifar10_decoder \
-        autoencoder_checkpoint --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
+        autoencoder_checkpoint plain --set sampler=euler_a --set steps=10 --set guidance_scale=5.0
 }
 
 discrete() {
     train "$VQVAE_CONFIG" "$OUTDIR/cifar10_vqvae" "$AE_MINUTES"
     second_stage "$VQVAE_CONFIG" "$OUTDIR/cifar10_vqvae" "$VQD_CONFIG" "$OUTDIR/cifar10_vq_diffusion" \
-        cifar10_vq_decoder vqvae_checkpoint
+        cifar10_vq_decoder vqvae_checkpoint perceptual  # the KL decoder without it: --perceptual-classifier in --help
 }
 
 finetune() {  # the U-Net + text encoder and the decoder side by side, then one packed file of both

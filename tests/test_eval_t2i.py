@@ -3,6 +3,7 @@ a tiny Inception stand-in and a tiny random classifier. Nothing is downloaded.""
 
 import io
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -187,3 +188,108 @@ def test_split_runs_with_start_merge_into_the_whole(assets, tmp_path):
     with pytest.raises(SystemExit) as e:
         eval_tool.main(_argv(assets, tmp_path / "bad", *common, "--start", "-1"))
     assert e.value.code == 2
+
+
+def _pixels(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p).convert("RGB")) for p in sorted((folder / "images").glob("*.png"))]
+
+
+def test_saved_latents_decode_to_the_same_images(assets, tmp_path):
+    """--save-latents changes no image; --from-latents with the same model (another batch size) gives the same
+    pixels, the same class accuracy and the saving run's settings; a decoder with other latent scaling gets the
+    latents rescaled (the same images up to rounding), one with other weights other images."""
+    from latentdiff.metrics.saved_latents import load_saved
+    from latentdiff.pipelines import load_pipeline
+
+    common = ("--reference", "none", "--no-clip", "--seed", "2", "--num-samples", "5", "--scale", "2")
+    plain, saving, decoded = tmp_path / "plain", tmp_path / "saving", tmp_path / "decoded"
+    assert eval_tool.main(_argv(assets, plain, *common)) == 0
+    assert eval_tool.main(_argv(assets, saving, *common, "--save-latents")) == 0
+    files = sorted(p.name for p in (saving / "latents").iterdir())
+    assert files == ["latents-000000-000002.safetensors", "latents-000003-000004.safetensors"]
+    assert [p.read_bytes() for p in sorted((plain / "images").glob("*.png"))] == [
+        p.read_bytes() for p in sorted((saving / "images").glob("*.png"))]
+    argv = _argv(assets, decoded, "--reference", "none", "--no-clip", "--num-samples", "5", "--batch-size", "2",
+                 "--from-latents", str(saving / "latents"), "--steps", "7", "--scale", "9")
+    assert eval_tool.main(argv) == 0
+    assert all((a == b).all() for a, b in zip(_pixels(saving), _pixels(decoded))) and len(_pixels(decoded)) == 5
+    first, again = (json.loads((d / "results.json").read_text()) for d in (saving, decoded))
+    assert (again["steps"], again["scale"], again["seed"], again["sampler"]) == (2, 2.0, 2, "ddim")
+    assert again["from_latents"] == str(saving / "latents") and again["sampled_by"][0].startswith("tiny")
+    assert again["class_accuracy"]["accuracy"] == first["class_accuracy"]["accuracy"]
+    with Image.open(decoded / "images" / "00001.png") as im:
+        params = parse_parameters(im.info["parameters"])
+    assert (params["Seed"], params["VAE"], params["prompt"]) == ("3", "tiny", "a photo of an automobile")
+
+    original = load_pipeline(assets["ckpt"])
+    rescaled = LatentDiffusionPipeline.from_config(tiny_ldm_config(autoencoder={"scaling_factor": 0.5}))
+    for name in ("unet", "autoencoder", "text_encoder"):
+        getattr(rescaled, name).load_state_dict(getattr(original, name).state_dict())
+    other = load_pipeline(assets["ckpt"])
+    with torch.no_grad():
+        other.autoencoder.decoder.conv_out.bias.add_(0.3)
+    for name, pipe in (("rescaled", rescaled), ("other", other)):
+        ckpt = pipe.save(tmp_path / f"{name}.safetensors")
+        argv = _argv(assets, tmp_path / name, "--reference", "none", "--no-clip", "--num-samples", "5",
+                     "--from-latents", str(saving / "latents"))
+        argv[argv.index("--ckpt") + 1] = str(ckpt)
+        assert eval_tool.main(argv) == 0
+    def largest_differences(name):
+        return [np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(_pixels(saving), _pixels(tmp_path / name))]
+
+    assert max(largest_differences("rescaled")) <= 1 and min(largest_differences("other")) > 10
+    assert len(load_saved(saving / "latents").latents) == 5
+
+
+def test_vq_codes_round_trip_and_bad_saved_latents_exit_2(assets, tmp_path, capsys):
+    """VQ code grids decode to the same images; latents that do not fit the run (another kind of autoencoder,
+    captions, indices, a damaged or doubled file, both flags) stop it with status 2 before any image is written."""
+    from latentdiff.pipelines import VQDiffusionPipeline
+    from tests.test_vq_pipeline import randomize, tiny_vq_config
+
+    torch.manual_seed(0)
+    vq = randomize(VQDiffusionPipeline.from_config(tiny_vq_config(), name="tiny-vq")).save(tmp_path / "vq.safetensors")
+    common = ("--reference", "none", "--no-clip", "--num-samples", "4")
+    runs = {}
+    for name, extra in (("vq-save", ["--save-latents"]), ("vq-decoded", ["--from-latents", "vq-save/latents"]),
+                        ("kl-save", ["--save-latents"]), ("kl-later", ["--save-latents", "--start", "2"])):
+        argv = _argv(assets, tmp_path / name, *common, *[str(tmp_path / e) if "/" in e else e for e in extra])
+        if name.startswith("vq"):
+            argv[argv.index("--ckpt") + 1] = str(vq)
+        assert eval_tool.main(argv) == 0
+        runs[name] = _pixels(tmp_path / name)
+    assert all((a == b).all() for a, b in zip(runs["vq-save"], runs["vq-decoded"])) and len(runs["vq-decoded"]) == 4
+
+    kl = tmp_path / "kl-save" / "latents"
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red truck\n")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "latents-000000-000003.safetensors").write_bytes(
+        (kl / "latents-000000-000002.safetensors").read_bytes()[:100])
+    doubled, renamed = tmp_path / "doubled", tmp_path / "renamed"
+    for folder in (doubled, renamed):
+        folder.mkdir()
+        for name in ("latents-000000-000002.safetensors", "latents-000003-000003.safetensors"):
+            (folder / name).write_bytes((kl / name).read_bytes())
+    shutil.copy(tmp_path / "kl-later" / "latents" / "latents-000002-000004.safetensors", doubled)
+    (renamed / "latents-000003-000003.safetensors").rename(renamed / "latents-000004-000004.safetensors")
+    cases = [(["--from-latents", str(tmp_path / "vq-save" / "latents")], "VQ code grids"),
+             (["--from-latents", str(kl), "--num-samples", "5"], "no latents for images 4..4"),
+             (["--from-latents", str(kl), "--start", "2"], "no latents for images 4..5"),
+             (["--from-latents", str(kl), "--captions", str(captions)], "were sampled for"),
+             (["--from-latents", str(kl), "--save-latents"], "exclude each other"),
+             (["--from-latents", str(tmp_path / "nowhere")], "is not a folder"),
+             (["--from-latents", str(damaged)], "latents-000000-000003.safetensors is damaged"),
+             (["--from-latents", str(doubled)], "image 2 is in two files"),
+             (["--from-latents", str(renamed)], "holds images 3..3, not those of its name")]
+    for i, (extra, message) in enumerate(cases):
+        out = tmp_path / f"bad{i}"
+        with pytest.raises(SystemExit) as e:
+            eval_tool.main(_argv(assets, out, *common, *extra))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
+        assert not list(out.glob("images/*.png"))
+    with pytest.raises(SystemExit) as e:  # the folder of a --save-latents run is never written twice
+        eval_tool.main(_argv(assets, tmp_path / "kl-save", *common, "--save-latents"))
+    assert e.value.code == 2 and "already holds" in capsys.readouterr().err

@@ -44,6 +44,7 @@ from latentdiff.metrics.fid import (
     source_statistics,
 )
 from latentdiff.metrics.inception import RESIZE_METHOD, InceptionWeightsError
+from latentdiff.metrics.saved_latents import decode_batch, load_saved, save_batch
 from latentdiff.version import __version__
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -102,6 +103,8 @@ class BenchmarkSettings:
     negative_prompt: str = ""
     truncation: float | None = None  # VQ-Diffusion only; None: the model's truncation_rate
     guidance_interval: tuple[float, float] | None = None  # latent diffusion only: guide σ in (lo, hi]; None: all
+    save_latents: str | None = None  # a folder to keep the sampled latents in (metrics.saved_latents)
+    from_latents: str | None = None  # decode the latents saved in this folder instead of sampling
 
 
 @dataclass
@@ -172,35 +175,64 @@ def quantize(images: torch.Tensor) -> torch.Tensor:
 
 def generate_images(pipe, prompts: Prompts, settings: BenchmarkSettings, folder: str | Path,
                     classifier: CifarClassifier | None = None, progress: bool = True) -> dict:
-    """Generate one PNG per caption into ``folder``; classify each if a classifier is given.
+    """Generate one PNG per caption into ``folder``; classify each if a classifier is given. With
+    ``settings.from_latents`` the images are the saved latents decoded by ``pipe``'s decoder, not sampled.
 
-    Returns ``{"paths", "predictions" (N,) or None, "seconds"}``.
+    Returns ``{"paths", "predictions" (N,) or None, "seconds", "saved" (the SavedLatents read, or None)}``.
     """
     N = len(prompts.captions)
     paths, predictions = [], []
-    extra = {} if settings.truncation is None else {"truncation": settings.truncation}
-    if settings.guidance_interval is not None:
-        extra["guidance_interval"] = settings.guidance_interval
+    saved = load_saved(settings.from_latents) if settings.from_latents else None
+    if saved:
+        saved.check(pipe, settings.start, prompts.captions)
     start = time.time()
-    with tqdm(total=N, unit="img", desc=f"{settings.sampler} {settings.steps} steps", disable=not progress) as bar:
+    desc = "decoding" if saved else f"{settings.sampler} {settings.steps} steps"
+    with tqdm(total=N, unit="img", desc=desc, disable=not progress) as bar:
         for first in range(0, N, settings.batch_size):
             batch = prompts.captions[first:first + settings.batch_size]
-            images, params = pipe.generate(batch, negative_prompt=settings.negative_prompt or None,
-                                           steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
-                                           seed=settings.seed + settings.start + first,
-                                           eta=settings.eta, **extra)  # (b, 3, H, W)
-            bad = [p.seed for p, ok in zip(params, torch.isfinite(images).flatten(1).all(1).tolist()) if not ok]
+            images, texts = (decode_batch(pipe, saved, settings.start + first, len(batch)) if saved
+                             else _sample_batch(pipe, batch, settings, first))
+            finite = torch.isfinite(images).flatten(1).all(1).tolist()
+            bad = [settings.start + first + j for j, ok in enumerate(finite) if not ok]
             if bad:  # a NaN image would be scored as a black one: stop instead
-                raise ValueError(f"images with seeds {bad} have NaN or inf pixels even decoded in float32; the "
-                                 "evaluation stops (try --precision fp32 or bf16)")
+                raise ValueError(f"images {bad} have NaN or inf pixels even decoded in float32; the evaluation stops "
+                                 "(try --precision fp32 or bf16)")
             images = quantize(images)
-            for im, p in zip(to_pil(images), params):
-                paths.append(save_png_new(im, folder, p.to_text(), first_index=settings.start))
+            for im, text in zip(to_pil(images), texts):
+                paths.append(save_png_new(im, folder, text, first_index=settings.start))
             if classifier is not None:
                 predictions.append(classifier.predict(images).argmax(dim=1).cpu())
             bar.update(len(batch))
     return {"paths": paths, "predictions": torch.cat(predictions) if predictions else None,
-            "seconds": time.time() - start}
+            "seconds": time.time() - start, "saved": saved}
+
+
+def _sample_batch(pipe, captions: list[str], settings: BenchmarkSettings, first: int):
+    """(images, PNG texts) of captions[first:...] sampled; their latents saved when asked."""
+    extra = {} if settings.truncation is None else {"truncation": settings.truncation}
+    if settings.guidance_interval is not None:
+        extra["guidance_interval"] = settings.guidance_interval
+    latents, params = pipe.generate(captions, negative_prompt=settings.negative_prompt or None,
+                                    steps=settings.steps, scale=settings.scale, sampler=settings.sampler,
+                                    seed=settings.seed + settings.start + first, eta=settings.eta,
+                                    output_type="latent", **extra)
+    texts = [p.to_text() for p in params]
+    if settings.save_latents:
+        save_batch(settings.save_latents, settings.start + first, pipe, latents, texts, _sampling(pipe, settings))
+    return pipe.decode_output(latents), texts  # (b, 3, H, W)
+
+
+def _sampling(pipe, settings: BenchmarkSettings) -> dict:
+    """The sampling settings with the model's defaults filled in (scale, truncation, guidance interval)."""
+    scale = pipe.default_scale if settings.scale is None else settings.scale
+    truncation = settings.truncation
+    if truncation is None and pipe.config.type == "vq_diffusion":
+        truncation = pipe.config.truncation_rate
+    interval = settings.guidance_interval
+    if interval is None and pipe.config.type == "latent_diffusion":
+        interval = pipe.config.guidance_interval  # the model's own (None: every step)
+    return {**asdict(settings), "scale": scale, "truncation": truncation,
+            "guidance_interval": None if interval is None else list(interval)}
 
 
 def class_accuracy(prompts: Prompts, predictions: torch.Tensor, classifier: CifarClassifier) -> dict:
@@ -255,18 +287,13 @@ def run_benchmark(pipe, prompts: Prompts, settings: BenchmarkSettings, outdir: s
     if folder.is_dir() and any(folder.glob("*.png")):
         raise FileExistsError(f"{folder} already holds images; choose a new output folder")
     gen = generate_images(pipe, prompts, settings, folder, judges.classifier, progress)
-    scale = pipe.default_scale if settings.scale is None else settings.scale
-    truncation = settings.truncation
-    if truncation is None and pipe.config.type == "vq_diffusion":
-        truncation = pipe.config.truncation_rate
-    interval = settings.guidance_interval
-    if interval is None and pipe.config.type == "latent_diffusion":
-        interval = pipe.config.guidance_interval  # the model's own (None: every step)
-    result = {"checkpoint": checkpoint, "model": pipe.name, **asdict(settings), "scale": scale,
-              "truncation": truncation, "guidance_interval": None if interval is None else list(interval),
-              "num_samples": len(prompts.captions), "captions": prompts.source,
-              "image_size": list(_image_size(gen["paths"][0])), "images": str(folder),
-              "generation_seconds": gen["seconds"]}
+    result = {"checkpoint": checkpoint, "model": pipe.name, **_sampling(pipe, settings)}
+    if gen["saved"]:  # decoded: the sampling settings are those of the run that saved the latents
+        keep = ("batch_size", "start", "save_latents", "from_latents")
+        result.update({k: v for k, v in gen["saved"].settings.items() if k in result and k not in keep},
+                      sampled_by=sorted(gen["saved"].models))
+    result.update(num_samples=len(prompts.captions), captions=prompts.source, images=str(folder),
+                  image_size=list(_image_size(gen["paths"][0])), generation_seconds=gen["seconds"])
     result["fid"] = (folder_fid(folder, judges, device, progress) if judges.features and judges.reference
                      else {"skipped": judges.notes.get("fid", "no reference")})
     result["clip_score"] = (folder_clip_score(folder, judges, progress) if judges.clip

@@ -85,7 +85,7 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
                  mask_blur: float = 0, guidance_rescale: float = 0.0,
                  guidance_interval: tuple[float, float] | None = None) -> tuple[torch.Tensor, list[GenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
-        the sampled latents (N, C, h, w) instead, undecoded (``self.autoencoder.decode`` makes the images).
+        the sampled latents (N, C, h, w) float32 instead, undecoded (:meth:`decode_output` makes the images).
         ``steps``, ``sampler`` and ``scale`` left ``None`` are the model's own (its config's ``steps``, ``sampler``
         and ``guidance_scale``: :attr:`default_steps`, :attr:`default_sampler`, :attr:`default_scale`).
 
@@ -207,7 +207,13 @@ class LatentDiffusionPipeline(LoRAMixin, FastPathMixin, Pipeline):
                   for p, n, sd in zip(prompts, negatives, seeds)]
         if output_type == "latent":
             return z0.float(), params
-        return decode_finite(self.decode_latents, z0.to(dtype), self.autoencoder), params  # (N, 3, H, W)
+        return self.decode_output(z0), params  # (N, 3, H, W)
+
+    @torch.inference_mode()
+    def decode_output(self, latents: torch.Tensor) -> torch.Tensor:
+        """The images (N, 3, H, W) float32 of sampled latents (``generate(..., output_type="latent")``), as
+        ``generate`` decodes them: in the pipeline's precision, again in float32 for an image that overflows."""
+        return decode_finite(self.decode_latents, latents.to(self.device, self.dtype), self.autoencoder)
 
     def encode_prompts(self, prompts: list[str], negatives: list[str], guided: bool = True, clip_skip: int = 1
                        ) -> tuple[torch.Tensor, torch.Tensor | None]:

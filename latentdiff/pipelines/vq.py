@@ -145,7 +145,7 @@ class VQDiffusionPipeline(Pipeline):
                  callback: Callable | None = None, output_type: str = "image", init_image=None,
                  strength: float = 0.8) -> tuple[torch.Tensor, list[VQGenerationParams]]:
         """Images as a (N, 3, H, W) tensor in [-1, 1] plus the parameters of each; with ``output_type="latent"``
-        the sampled code grids (N, h, w) long instead (``self.vqvae.decode_codes`` makes the images).
+        the sampled code grids (N, h, w) long instead (:meth:`decode_output` makes the images).
 
         ``steps``: network calls (default: T, the full chain). ``callback(i, steps, codes)`` after each call,
         codes (N, h*w) long. ``eta`` exists for call compatibility and must be 0; so do ``init_image`` (must be
@@ -206,4 +206,10 @@ class VQDiffusionPipeline(Pipeline):
                   for i, p in enumerate(prompts)]
         if output_type == "latent":
             return codes.view(N, S, S), params
-        return decode_finite(self.vqvae.decode_codes, codes.view(N, S, S), self.vqvae), params  # (N, 3, H, W)
+        return self.decode_output(codes.view(N, S, S)), params  # (N, 3, H, W)
+
+    @torch.inference_mode()
+    def decode_output(self, codes: torch.Tensor) -> torch.Tensor:
+        """The images (N, 3, H, W) float32 of sampled code grids (N, h, w) (``generate(..., output_type="latent")``),
+        as ``generate`` decodes them."""
+        return decode_finite(self.vqvae.decode_codes, codes.to(self.device), self.vqvae)

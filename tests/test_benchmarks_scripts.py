@@ -121,7 +121,8 @@ def test_benchmark_programs_answer_help(program):
 
 
 def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
-    """--smoke, discrete stream: the VQ autoencoder, then the transformer and (beside it) the decoder alone, with
+    """--smoke, discrete stream, run by tools/quality_run.sh's train stage (the percept stage's network left by an
+    earlier run, --skip percept): the VQ autoencoder, then the transformer and (beside it) the decoder alone, with
     --perceptual-classifier's perceptual term; the packed model holds the transformer run's model with the decoder
     run's decoder and the autoencoder run's encoder side and codebook (which the decoder run left as they were)."""
     from latentdiff.io.checkpoint import load_model_file
@@ -129,12 +130,15 @@ def test_train_default_models_smoke_swaps_in_the_fine_tuned_decoder(tmp_path):
     from latentdiff.models.autoencoder_blocks import DECODER_SIDE
     from tests.test_quality_run import archive
 
-    source, shards, outdir = archive(tmp_path / "train.tar.gz", "train", 2), tmp_path / "shards", tmp_path / "out"
-    percept = save_classifier(CifarClassifier(["a", "b"], widths=(4, 8)), tmp_path / "percept.safetensors")
-    out = run(["bash", str(ROOT / "tools/train_default_models.sh"), "--smoke", "--streams", "discrete",
-               "--perceptual-classifier", "percept.safetensors", "--source", str(source), "--shards", str(shards),
-               str(outdir)], cwd=tmp_path)
+    source, shards, quality = archive(tmp_path / "train.tar.gz", "train", 2), tmp_path / "shards", tmp_path / "q"
+    (quality / "percept").mkdir(parents=True)
+    percept = save_classifier(CifarClassifier(["a", "b"], widths=(4, 8)), quality / "percept/classifier.safetensors")
+    out = run(["bash", str(ROOT / "tools/quality_run.sh"), "--smoke", "--device", "cpu", "--no-fid", "--streams",
+               "discrete", "--skip", "judge,percept,rfid-old,rfid-new,eval", "--train-source", str(source),
+               "--shards", str(shards), str(quality)], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "train\tdone\t" in (quality / "timings.tsv").read_text()
+    outdir = quality / "runs"
     assert "decoder of vqvae taken from" in (outdir / "discrete.log").read_text()
     decoder_run = outdir / "cifar10_vq_decoder"
     assert f"perceptual_classifier: {percept}" in (decoder_run / "config.yaml").read_text()

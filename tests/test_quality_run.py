@@ -1,7 +1,8 @@
 """tools/quality_run.sh (issue #17's one GPU run): --help does nothing, bad arguments exit 2 before any work, and
 its --smoke mode runs on the CPU on tiny data made here. The end-to-end test covers the stages shards, judge,
 rfid-old, rfid-new and eval; `train` is skipped there (its own script's smoke run alone takes about a minute here)
-and its outputs are stood in for by a tiny pipeline file, and `stats` with --no-fid (no Inception weights needed)."""
+and its outputs are stood in for by a tiny pipeline file, and `stats` with --no-fid (no Inception weights needed).
+The train stage itself, with the discrete stream and a percept network, runs in tests/test_benchmarks_scripts.py."""
 
 from __future__ import annotations
 

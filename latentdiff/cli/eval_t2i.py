@@ -22,7 +22,8 @@ Judging a new decoder (latentdiff.metrics.saved_latents): ``--save-latents`` kee
 sampled in OUTDIR/latents; ``--from-latents OUTDIR/latents --ckpt other.safetensors`` decodes those same latents
 with another model's decoder (same latent channels, or the same VQ codebook size) and scores the images, with the
 same --captions, --start and at most the same --num-samples; the sampling flags are then unused and the results
-record the saving run's. Seconds instead of minutes per candidate, and no sampling noise between candidates::
+record the saving run's. Seconds instead of minutes per candidate, and no sampling noise between candidates. The
+latents folders of runs split by --start merge as their images do (each file is named by its image indices)::
 
     latentdiff eval-t2i --num-samples 1000 --save-latents --reference cifar10-test.npz --outdir eval/v15
     latentdiff eval-t2i --num-samples 1000 --from-latents eval/v15/latents --ckpt candidate.safetensors \

@@ -107,3 +107,16 @@ def test_decoder_swap_takes_the_decoder_and_refuses_another_encoder(src, tmp_pat
         pack_model.main([str(src), str(tmp_path / "refused.safetensors"), "--decoder", str(dec)])
     assert exc.value.code == 2 and not (tmp_path / "refused.safetensors").exists()
     assert "its encoder side differs from the source's (autoencoder.encoder.conv_in.weight)" in capsys.readouterr().err
+
+
+def test_the_embedded_models_by_name(tmp_path):
+    """SRC 'default' / 'default-vq' is the embedded file, as for txt2img and eval-t2i."""
+    from latentdiff.assets import EMBEDDED_MODELS
+
+    for name, path in EMBEDDED_MODELS.items():
+        dst = tmp_path / f"{name}.safetensors"
+        assert pack_model.main([name, str(dst), "--name", f"renamed-{name}"]) == 0
+        _, parts, meta = load_model_file(dst)
+        _, original, _ = load_model_file(path)
+        assert all(torch.equal(parts[m][k], v) for m in original for k, v in original[m].items()), name
+        assert meta.get("name", "") == f"renamed-{name}" or f"renamed-{name}" in str(meta), meta

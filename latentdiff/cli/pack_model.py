@@ -8,6 +8,7 @@ Examples (from the repository root)::
         --half --vocabulary data/cifar10-train-shards --name latentdiff-cifar10-vq-v1
     latentdiff pack-model runs/ldm_ft/model.safetensors packed.safetensors \\
         --decoder runs/decoder_ft/model.safetensors
+    latentdiff pack-model default candidate.safetensors --half --decoder runs/decoder_ft/model.safetensors
 
 ``--half`` stores floating-point weights as float16 (the embedded models are stored so and computed in float32).
 ``--set KEY=VALUE`` changes a field of the stored model config (dotted, checked like ``latentdiff train``'s
@@ -17,11 +18,12 @@ brace pattern, whose ``.txt`` members are read), plus those of the empty caption
 shared row, the mean of the replaced ones. A text encoder trained from scratch on such captions never updates the
 other rows (they stay near their random start), and for a 49,408-token CLIP vocabulary they are most of a small
 model's file: 12.6 MB of the 41 MB unpacked VQ-Diffusion default (29 MB packed). Prompts made of kept tokens give
-exactly the unpacked model's outputs; a SRC packed so keeps its rows unless ``--vocabulary`` is given again.
-``--decoder FILE`` replaces the autoencoder's decoder (``decoder``, ``post_quant_conv``) by that of FILE, an export
-of ``latentdiff train`` with ``objective.train_decoder_only=true`` started from SRC (``init_from``); FILE's encoder
-side must equal SRC's, since the diffusion model knows only those latents. The output is written atomically; an
-existing one is replaced only with --overwrite. Bad input prints one message and exits with status 2.
+exactly the unpacked model's outputs; a SRC packed so keeps its rows unless ``--vocabulary`` is given again. SRC
+``default`` / ``default-vq`` names the embedded model files. ``--decoder FILE`` replaces the autoencoder's decoder
+(``decoder``, ``post_quant_conv``) by that of FILE, an export of ``latentdiff train`` with
+``objective.train_decoder_only=true`` started from SRC (``init_from``); FILE's encoder side must equal SRC's, since the
+diffusion model knows only those latents. The output is written atomically; an existing one is replaced only with
+--overwrite. Bad input prints one message and exits with status 2.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from latentdiff.cli.common import ArgumentParser, fail
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__, prog=prog)
-    p.add_argument("src", help="a latentdiff model file (`latentdiff train`'s model.safetensors)")
+    p.add_argument("src", help="a latentdiff model file (`latentdiff train`'s model.safetensors), or 'default' / "
+                               "'default-vq' (the embedded models, e.g. to give one a new decoder)")
     p.add_argument("dst", help="output .safetensors file")
     p.add_argument("--half", action="store_true", help="store floating-point weights as float16")
     p.add_argument("--name", default=None, help="model name stored in the file (shown by txt2img); default: kept")
@@ -76,12 +79,13 @@ def read_captions(source: str) -> list[str]:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    from latentdiff.assets import EMBEDDED_MODELS
     from latentdiff.config import apply_overrides, model_config_from_dict, to_dict
     from latentdiff.io.checkpoint import CheckpointError, is_model_file, kept_row_ids, load_model_file, save_model_file
     from latentdiff.io.export import half
     from latentdiff.io.pack import swap_decoder, vocabulary_ids
 
-    src, dst = Path(args.src), Path(args.dst)
+    src, dst = Path(EMBEDDED_MODELS.get(args.src, args.src)), Path(args.dst)
     if not is_model_file(src):
         fail(f"{src} is not a latentdiff model file (`latentdiff train` writes one as model.safetensors)")
     if dst.exists() and not args.overwrite:

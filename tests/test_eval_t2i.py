@@ -230,13 +230,15 @@ def test_saved_latents_decode_to_the_same_images(assets, tmp_path):
         other.autoencoder.decoder.conv_out.bias.add_(0.3)
     for name, pipe in (("rescaled", rescaled), ("other", other)):
         ckpt = pipe.save(tmp_path / f"{name}.safetensors")
-        argv = _argv(assets, tmp_path / name, "--reference", "none", "--no-clip", "--num-samples", "5",
+        argv = _argv(assets, tmp_path / name, "--reference", "none", "--no-clip",
                      "--from-latents", str(saving / "latents"))
         argv[argv.index("--ckpt") + 1] = str(ckpt)
+        del argv[argv.index("--num-samples"):argv.index("--num-samples") + 2]  # default: every saved image
         assert eval_tool.main(argv) == 0
     def largest_differences(name):
         return [np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(_pixels(saving), _pixels(tmp_path / name))]
 
+    assert len(_pixels(tmp_path / "rescaled")) == 5  # no --num-samples: every saved image
     assert max(largest_differences("rescaled")) <= 1 and min(largest_differences("other")) > 10
     assert len(load_saved(saving / "latents").latents) == 5
 
@@ -290,6 +292,11 @@ def test_vq_codes_round_trip_and_bad_saved_latents_exit_2(assets, tmp_path, caps
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
         assert not list(out.glob("images/*.png"))
+    argv = _argv(assets, tmp_path / "after", "--from-latents", str(kl), "--start", "4")
+    del argv[argv.index("--num-samples"):argv.index("--num-samples") + 2]  # every saved image from 4 on: none
+    with pytest.raises(SystemExit) as e:
+        eval_tool.main(argv)
+    assert e.value.code == 2 and "holds no latents of images 4 and after" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # the folder of a --save-latents run is never written twice
         eval_tool.main(_argv(assets, tmp_path / "kl-save", *common, "--save-latents"))
     assert e.value.code == 2 and "already holds" in capsys.readouterr().err

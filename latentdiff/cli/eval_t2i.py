@@ -58,14 +58,15 @@ from latentdiff.cli.common import (
 from latentdiff.config.model import VQ_SAMPLER_NAMES
 
 
-def add_common_arguments(p: argparse.ArgumentParser) -> None:
+def add_common_arguments(p: argparse.ArgumentParser, num_samples=1000,
+                         num_samples_help: str = "number of images to generate") -> None:
     """Flags shared with ``latentdiff sampler-sweep``."""
     p.add_argument("--ckpt", "--checkpoint", dest="ckpt", default="default",
                    help="model: 'default' or 'default-vq' (the embedded models), a latentdiff .safetensors, a "
                         "Stable Diffusion file or a diffusers folder")
     p.add_argument("--scale", type=FINITE, default=None, help="guidance scale; default: the model's own")
     p.add_argument("--captions", default="cifar10", help="'cifar10' (class captions) or a text file, one per line")
-    p.add_argument("--num-samples", type=POSITIVE, default=1000, help="number of images to generate")
+    p.add_argument("--num-samples", type=POSITIVE, default=num_samples, help=num_samples_help)
     p.add_argument("--batch-size", type=BATCH, default=50, help="images per generation batch")
     p.add_argument("--reference", default="data/cifar10-test-shards",
                    help="FID reference: image folder, tar shards or .npz statistics ('none': no FID)")
@@ -104,7 +105,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    default=None, help="latent diffusion only: guide only the steps whose noise level sigma lies "
                                       "in (SIGMA_LO, SIGMA_HI] (Kynkaanniemi et al. 2024; 0 inf: every step); "
                                       "default: the model's own (its config's guidance_interval; none: every step)")
-    add_common_arguments(p)
+    add_common_arguments(p, num_samples=argparse.SUPPRESS,  # absent: resolved in main
+                         num_samples_help="number of images to generate (default: 1000; with --from-latents: "
+                                          "every saved image from --start on)")
     p.add_argument("--start", type=NON_NEGATIVE, default=0,
                    help="index of the first image: generate images start..start+N-1 (split a benchmark over runs "
                         "or machines, then merge their images/ folders and run `latentdiff fid` on the whole; latent "
@@ -174,6 +177,8 @@ def _default_cache():
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    if "num_samples" not in vars(args):
+        args.num_samples = 1000 if args.from_latents is None else _saved_from(args.from_latents, args.start)
     check_common(args)
     if args.steps <= 0:
         fail(f"--steps must be a positive integer, got {args.steps}")
@@ -189,6 +194,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download CLIP weights from here
     with lock_outdir(args.outdir, "eval-t2i"):  # one writer per --outdir
         return _evaluate(args)
+
+
+def _saved_from(folder: str, start: int) -> int:
+    """How many images --from-latents FOLDER saved from index ``start`` on (exits 2 when none)."""
+    from latentdiff.metrics.saved_latents import saved_indices
+
+    count = sum(i >= start for i in saved_indices(folder))
+    if count == 0:
+        fail(f"--from-latents {folder} holds no latents of images {start} and after")
+    return count
 
 
 def _evaluate(args) -> int:

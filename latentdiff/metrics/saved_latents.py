@@ -106,6 +106,13 @@ class SavedLatents:
                 [self.factors.get(i, (1.0, 0.0)) for i in indices])
 
 
+def saved_indices(folder: str | Path) -> list[int]:
+    """The image indices a folder's file names claim (nothing read; :func:`load_saved` checks them)."""
+    folder = Path(folder)
+    spans = [_NAME.fullmatch(p.name) for p in folder.iterdir()] if folder.is_dir() else []
+    return sorted(i for m in spans if m for i in range(int(m.group(1)), int(m.group(2)) + 1))
+
+
 def load_saved(folder: str | Path) -> SavedLatents:
     """Read every ``latents-*.safetensors`` of ``folder``; a damaged, foreign or overlapping file raises
     ``ValueError`` naming it."""

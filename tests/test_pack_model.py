@@ -112,11 +112,12 @@ def test_decoder_swap_takes_the_decoder_and_refuses_another_encoder(src, tmp_pat
 def test_the_embedded_models_by_name(tmp_path):
     """SRC 'default' / 'default-vq' is the embedded file, as for txt2img and eval-t2i."""
     from latentdiff.assets import EMBEDDED_MODELS
+    from latentdiff.pipelines import load_pipeline
 
     for name, path in EMBEDDED_MODELS.items():
         dst = tmp_path / f"{name}.safetensors"
         assert pack_model.main([name, str(dst), "--name", f"renamed-{name}"]) == 0
-        _, parts, meta = load_model_file(dst)
+        _, parts, _ = load_model_file(dst)
         _, original, _ = load_model_file(path)
         assert all(torch.equal(parts[m][k], v) for m in original for k, v in original[m].items()), name
-        assert meta.get("name", "") == f"renamed-{name}" or f"renamed-{name}" in str(meta), meta
+        assert load_pipeline(dst).name == f"renamed-{name}"
